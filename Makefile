@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# The first use creates .venv with the tested pins (constraints.txt); later uses
+# re-install only when setup.cfg or constraints.txt changed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.orbitclip-installed
+# OpenMP busy-waiting makes shared 2-core machines crawl (see CALIBRATION notes).
+export OMP_WAIT_POLICY ?= PASSIVE
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export PYTHONDONTWRITEBYTECODE := 1
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m shards build --source synthetic --output runs/demo-shards --count 2000 --overwrite
+	$(PY) -m shards inspect runs/demo-shards --grid runs/demo-shards/grid.png
+
+clean-demo:
+	rm -rf runs/demo runs/demo-shards
