@@ -1,0 +1,128 @@
+"""Training data: the :class:`Batch` type, the :class:`TrainLoader` interface and its builder.
+
+Two sources implement the loader: webdataset shards (:mod:`train.wds_source`) and a
+deterministic in-memory synthetic set (:mod:`train.synthetic_source`). Both are
+infinite (epochs roll over by themselves) and resume exactly from ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from train.config import Config
+from train.distenv import DistEnv
+
+Tokenizer = Callable[[list[str]], torch.Tensor]
+"""Captions -> LongTensor[N, context_length]; must be picklable for worker processes."""
+
+
+@dataclass
+class Batch:
+    """One rank's batch for one optimizer step."""
+
+    images: torch.Tensor
+    """float32 [B, 3, H, W], normalized."""
+    texts: torch.Tensor
+    """long [B, context_length]."""
+    keys: list[str]
+    """Sample keys, for tracing a bad step back to its data."""
+
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True)."""
+        return Batch(self.images.pin_memory(), self.texts.pin_memory(), self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class TrainLoader:
+    """Infinite iterable of :class:`Batch` with an exact, resumable position.
+
+    Subclasses implement :meth:`_batches` (a generator that updates the position
+    *before* yielding each batch) and the state methods. ``iter()`` starts from the
+    current position, so call it again after :meth:`load_state_dict`.
+    """
+
+    samples_per_epoch: int
+    steps_per_epoch: int
+    """Optimizer steps per epoch (global): samples_per_epoch // (batch_size * world)."""
+
+    def __init__(self) -> None:
+        self.wait_seconds = 0.0
+        """Total time spent blocked waiting for the next batch."""
+
+    def _batches(self) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Batch]:
+        it = self._batches()
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            finally:
+                self.wait_seconds += time.perf_counter() - t0
+            yield batch
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch belongs to."""
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Jump to the start of ``epoch``."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """The exact position: the next batch is the one after the last one yielded."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position from :meth:`state_dict` (same config, world and workers)."""
+        raise NotImplementedError
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: skipped samples by reason, repeats, dropped remainder."""
+        return {}
+
+
+def build_train_loader(
+    cfg: Config,
+    env: DistEnv,
+    tokenizer: Tokenizer,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> TrainLoader:
+    """The training loader for this rank, as ``cfg.data`` describes.
+
+    Args:
+        cfg: Full config (``data`` section, plus ``train.seed``).
+        env: This process's rank and world size.
+        tokenizer: Callable ``list[str] -> LongTensor[N, ctx]``, run in the workers.
+        image_size: Model input size.
+        mean: Normalization mean of the model.
+        std: Normalization std of the model.
+    """
+    from train.augment import build_train_transform
+
+    transform = build_train_transform(cfg.data.augment, image_size, mean, std)
+    if cfg.data.source == "synthetic":
+        from train.synthetic_source import SyntheticTrainLoader
+
+        return SyntheticTrainLoader(cfg, env, tokenizer, transform)
+    from train.wds_source import ShardTrainLoader
+
+    return ShardTrainLoader(cfg, env, tokenizer, transform)
+
+
+def build_eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
+    """Resize shorter side + center crop + normalize (see :mod:`train.augment`)."""
+    from train.augment import build_eval_transform as _build
+
+    return _build(image_size, mean, std)
