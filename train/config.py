@@ -28,6 +28,8 @@ class ModelConfig:
     """LiT: freeze the image tower."""
     lock_image_unlocked_groups: int = 0
     """With lock_image: how many last layer groups stay trainable."""
+    lock_image_freeze_bn_stats: bool = False
+    """With lock_image: also freeze BatchNorm running stats (ResNet/timm towers; no-op for ViTs)."""
     lock_text: bool = False
     """Freeze the text tower."""
     lock_text_unlocked_layers: int = 0
