@@ -1,0 +1,99 @@
+"""Text<->image retrieval (RemoteCLIP protocol) and image->image retrieval by class.
+
+Every caption of an image is a correct answer for that image: image->text is a hit
+at k if *any* of its captions ranks in the top k; text->image has exactly one
+correct image per caption. Ties count against the model (see eval.metrics).
+Metric names follow CLIP_benchmark: ``image_retrieval_recall@k`` is text->image,
+``text_retrieval_recall@k`` is image->text; ``mean_recall`` (mR) is their mean over
+all reported k. ``image_image_recall@k`` is leave-one-out retrieval of another image
+of the same class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from eval import metrics
+from eval.context import EvalContext, EvalError
+from eval.registry import Metric, register
+from train.configbase import ConfigError
+
+
+@dataclass
+class RetrievalOptions:
+    """Options of the ``retrieval`` evaluator."""
+
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    image_image: bool = True
+    """Also report image->image R@k by class where the split has labels."""
+
+    def validate(self) -> None:
+        if not self.ks or min(self.ks) < 1:
+            raise ConfigError("retrieval.ks must be positive integers")
+
+
+def caption_owners(captions: list[list[str]]) -> tuple[list[str], torch.Tensor, list[int]]:
+    """Flatten captions: (texts, owner image index per text, images that have captions)."""
+    texts, owners, with_caps = [], [], []
+    for i, caps in enumerate(captions):
+        caps = [c for c in caps if c and c.strip()]
+        if caps:
+            with_caps.append(i)
+        texts.extend(caps)
+        owners.extend([i] * len(caps))
+    return texts, torch.tensor(owners, dtype=torch.long), with_caps
+
+
+def text_image_recalls(image_feats: torch.Tensor, text_feats: torch.Tensor, owners: torch.Tensor,
+                       ks: list[int]) -> dict[str, float]:
+    """R@k both ways and their mean for images with captions (``owners[j]`` = image of text j)."""
+    sim = image_feats @ text_feats.T  # [N, M]
+    positive = owners[None, :] == torch.arange(len(image_feats))[:, None]
+    i2t = metrics.recall_at_k(metrics.retrieval_ranks(sim, positive), ks)
+    t2i = metrics.recall_at_k(metrics.retrieval_ranks(sim.T, positive.T), ks)
+    out = {f"image_retrieval_recall@{k}": v for k, v in t2i.items()}
+    out.update({f"text_retrieval_recall@{k}": v for k, v in i2t.items()})
+    out["mean_recall"] = (sum(t2i.values()) + sum(i2t.values())) / (2 * len(ks))
+    return out
+
+
+def image_image_recalls(feats: torch.Tensor, labels: torch.Tensor, ks: list[int]) -> tuple[dict[str, float], int]:
+    """Leave-one-out image->image R@k by class; returns (metrics, queries without a same-class peer)."""
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool)
+    has_peer = (same & ~eye).any(1)
+    q = has_peer.nonzero().squeeze(1)
+    if len(q) == 0:
+        return {}, len(labels)
+    sim = feats[q] @ feats.T
+    ranks = metrics.retrieval_ranks(sim, same[q], ignore=eye[q])
+    return {f"image_image_recall@{k}": v for k, v in metrics.recall_at_k(ranks, ks).items()}, int((~has_peer).sum())
+
+
+@register("retrieval", RetrievalOptions, needs_captions=True)
+def retrieval(ctx: EvalContext, opts: RetrievalOptions) -> Iterator[Metric]:
+    """Yields text/image retrieval R@k, mean_recall, n_images, n_texts (+ image_image_recall@k)."""
+    ds = ctx.dataset
+    texts, owners, with_caps = caption_owners(ds.captions)
+    if not texts:
+        raise EvalError(f"benchmark {ctx.spec.name}: retrieval needs captions; the split has none")
+    if len(with_caps) < len(ds):
+        ctx.info["images_without_captions"] = len(ds) - len(with_caps)
+    feats = ctx.extractor.image_features(ds)
+    # images without captions cannot be retrieved by text: leave them out of both directions
+    remap = torch.full((len(ds),), -1, dtype=torch.long)
+    remap[with_caps] = torch.arange(len(with_caps))
+    results = text_image_recalls(feats[with_caps], ctx.extractor.text_features(texts), remap[owners], opts.ks)
+    yield from results.items()
+    yield "n_images", float(len(with_caps))
+    yield "n_texts", float(len(texts))
+    labelled = ds.labelled
+    if opts.image_image and len(labelled) > 1:
+        labels = torch.tensor([ds.labels[i] for i in labelled])
+        ii, lonely = image_image_recalls(feats[labelled], labels, opts.ks)
+        if lonely:
+            ctx.info["image_image_queries_without_peer"] = lonely
+        yield from ii.items()
