@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import queue as queue_mod
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -50,9 +52,21 @@ def run_distributed(fn: Callable, world: int, *args: Any, timeout: float = 300) 
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world):
-            rank, status, out = queue.get(timeout=timeout)
+        while len(results) < world:
+            try:
+                rank, status, out = queue.get(timeout=1.0)
+            except queue_mod.Empty:
+                # A worker that died without reporting (segfault, OOM kill) would
+                # otherwise make us wait for the whole timeout.
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    raise RuntimeError(f"rank(s) {dead} died with exit codes "
+                                       f"{[procs[r].exitcode for r in dead]} before reporting") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"distributed test did not finish in {timeout} s") from None
+                continue
             if status != "ok":
                 raise RuntimeError(f"rank {rank} failed:\n{out}")
             results[rank] = out
