@@ -57,6 +57,14 @@ class Engine(Protocol):
         """Restore from a folder written by :meth:`save_checkpoint`; returns ``extra``."""
         ...
 
+    def full_model(self) -> ContextManager[nn.Module]:
+        """The model with all weights present (ZeRO-3 gathers them). Every rank enters."""
+        ...
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain open_clip state_dict on CPU, whatever the sharding. Every rank calls it."""
+        ...
+
 
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], ContextManager]:
     """The towers' precision context, decided once.
@@ -168,6 +176,14 @@ class DDPEngine:
             raise ValueError("checkpoint and engine disagree on whether there is an LR scheduler")
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_model(self) -> ContextManager[nn.Module]:
+        """Nothing is sharded under DDP: the model itself."""
+        return contextlib.nullcontext(self.model)
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the model's state_dict (plain open_clip keys)."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def save_checkpoint(self, path_dir: str | Path, extra: dict[str, Any]) -> None:
         """Rank 0 writes model.pt, optimizer.pt, scheduler.pt (if any), extra.pt.

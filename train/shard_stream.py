@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -23,10 +24,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from train.augment import Transform
+from train.augment import Transform, TrainTransform
 from train.data import Batch, Tokenizer
 from train.epoch_plan import Segment, batches_done, stream_quotas, stream_segments, worker_batches
-from train.samples import BadSample, decode_sample
+from train.samples import BadSample, decode_sample, decode_sample_into
 from train.seeding import stable_seed
 from train.shard_index import ShardSet
 
@@ -161,7 +162,7 @@ class ShardStream(IterableDataset):
         multi = len(sp.sources) > 1
         first, end = batches_done(sp.start_batches, sp.workers, w), worker_batches(sp.steps, sp.workers, w)
         for _ in range(first, end):
-            images, captions, keys = [], [], []
+            images, captions, keys = self._new_images(), [], []
             bad_run = 0
             while len(keys) < sp.batch_size:
                 s, p, sample = next(raw)
@@ -169,7 +170,12 @@ class ShardStream(IterableDataset):
                 key = sample["__key__"]
                 try:
                     seed = stable_seed("sample", sp.seed, sp.epoch, s, key, p)
-                    image, caption = decode_sample(sample, self.transform, sp.caption_mode, seed)
+                    if isinstance(images, list):
+                        image, caption = decode_sample(sample, self.transform, sp.caption_mode, seed)
+                        images.append(image)
+                    else:
+                        caption = decode_sample_into(sample, self.transform, sp.caption_mode, seed,
+                                                     images[len(keys)])
                 except BadSample as e:
                     counters[f"skipped/{e.reason}"] += 1
                     n_bad = sum(v for k, v in counters.items() if k.startswith("skipped/"))
@@ -181,8 +187,24 @@ class ShardStream(IterableDataset):
                         raise RuntimeError(f"{bad_run} unusable samples in a row; last: {key}: {e}") from e
                     continue
                 bad_run = 0
-                images.append(image)
                 captions.append(caption)
                 keys.append(f"{s}/{key}" if multi else key)
-            batch = Batch(torch.stack(images), self.tokenizer(captions), keys)
+            stacked = torch.stack(images) if isinstance(images, list) else images
+            batch = Batch(stacked, self.tokenizer(captions), keys)
             yield batch, {"worker": w, "cursor": cursor, "counters": dict(counters)}
+
+    def _new_images(self) -> torch.Tensor | list:
+        """The batch's image tensor, filled in place (a list for transforms of unknown size).
+
+        In a DataLoader worker it is allocated in shared memory, as torch's own
+        ``default_collate`` does, so handing the batch to the main process copies nothing.
+        """
+        if not isinstance(self.transform, TrainTransform):
+            return []
+        size = self.transform.image_size
+        shape = (self.spec.batch_size, 3, size, size)
+        if get_worker_info() is None:
+            return torch.empty(shape)
+        proto = torch.empty(0)
+        storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
+        return proto.new(storage).view(shape)

@@ -217,31 +217,35 @@ class Trainer:
         log.info("checkpoint %s", path)
 
     def evaluate(self) -> None:
-        """Zero-shot/retrieval through the eval harness on rank 0; other ranks wait."""
+        """Zero-shot/retrieval through the eval harness on rank 0; other ranks wait.
+
+        Every rank enters ``engine.full_model()`` because gathering ZeRO-3 shards is
+        collective; only rank 0 evaluates.
+        """
         if not self.cfg.eval.benchmarks:
             return
-        if self.env.is_main:
-            from eval.api import evaluate
+        with self.engine.full_model() as model:
+            if self.env.is_main:
+                from eval.api import evaluate
 
-            model = self.engine.model
-            model.eval()
-            try:
-                with torch.no_grad():
-                    results = {name: float(v) for name, v in evaluate(self.bundle, self.cfg.eval.benchmarks, self.device)}
-            finally:
-                model.train()
-            self.metrics.log_eval(self.step, results)
-            out = self.run_dir / "eval" / f"{step_dir_name(self.step)}.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"step": self.step, "results": results}, indent=2))
-        if self.env.distributed:
-            dist.barrier()
+                model.eval()
+                try:
+                    with torch.no_grad():
+                        results = {n: float(v) for n, v in evaluate(self.bundle, self.cfg.eval.benchmarks, self.device)}
+                finally:
+                    model.train()
+                self.metrics.log_eval(self.step, results)
+                out = self.run_dir / "eval" / f"{step_dir_name(self.step)}.json"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps({"step": self.step, "results": results}, indent=2))
+            if self.env.distributed:
+                dist.barrier()
 
     def _write_final_model(self) -> None:
         """``run_dir/model.pt``: the plain open_clip state_dict (CPU tensors), written atomically."""
+        state = self.engine.consolidated_state_dict()  # collective under ZeRO
         if not self.env.is_main:
             return
-        state = {k: v.detach().cpu() for k, v in self.engine.model.state_dict().items()}
         tmp = self.run_dir / f".{FINAL_MODEL}.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.run_dir / FINAL_MODEL)

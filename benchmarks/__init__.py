@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks: each prints a table last and writes JSON."""

@@ -1,0 +1,89 @@
+"""Peak memory and step time vs effective batch through the micro-batch feature cache.
+
+``python -m benchmarks.batch_memory --model ViT-B-32 --micro 512 --batches 1024 ... 65536``
+
+For each effective batch ``N`` one process runs ``engine.step`` with
+``train.accum_steps = N / micro``, so the towers only ever see ``micro`` samples with
+grad while the contrastive loss spans all ``N`` (see ``train/gradcache.py``). The batch
+is made on the device, as the engine would put it there (host-to-device copy time is
+not included). Peak memory: CUDA allocator peak on GPU, process peak RSS on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+
+from benchmarks.openclip_ref import ROOT
+from benchmarks.procstats import current_rss_bytes
+from benchmarks.report import write_report
+from benchmarks.train_throughput import Setup, make_config, peak_gib, reset_peak, sync, timed_steps
+
+GIB_TARGET = 60.0
+
+
+def in_use_gib(device: torch.device) -> float:
+    """Memory held now: CUDA allocated bytes, or process RSS on CPU."""
+    used = torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss_bytes()
+    return used / 2**30
+
+
+def measure(model: str, batch: int, micro: int, steps: int, warmup: int, device: torch.device) -> dict:
+    """Peak memory and mean step time of one effective batch size."""
+    if batch % micro:
+        raise ValueError(f"effective batch {batch} is not a multiple of the micro-batch {micro}")
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    cfg = make_config(model, batch, None, 0, precision, accum_steps=batch // micro)
+    row = {"model": model, "effective_batch": batch, "micro_batch": micro, "accum_steps": batch // micro,
+           "precision": precision}
+    setup = None
+    try:
+        setup = Setup(cfg, device, with_loader=False)
+        data = setup.device_batch()
+        reset_peak(device)
+        before = in_use_gib(device)  # model, optimizer state, the batch
+        secs = timed_steps(lambda: setup.engine.step(data), warmup, steps, device)
+        peak = peak_gib(device)
+        row.update(step_s=secs / steps, samples_per_s=batch * steps / secs, peak_mem_gib=peak,
+                   step_extra_gib=peak - before)
+        row["status"] = "ok" if device.type != "cuda" or row["peak_mem_gib"] < GIB_TARGET else f">= {GIB_TARGET} GiB"
+    except torch.cuda.OutOfMemoryError as e:
+        row.update(status="OOM", error=str(e).splitlines()[0])
+    finally:
+        del setup
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            sync(device)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: one row per effective batch size, printed as a table and written as JSON."""
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.batch_memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ViT-B-32" if gpu else "orbit-micro")
+    p.add_argument("--micro", type=int, default=512 if gpu else 64, help="micro-batch size (fixed)")
+    p.add_argument("--batches", type=int, nargs="+",
+                   default=[1024 * 2**k for k in range(7)] if gpu else [64, 128, 256, 512, 1024],
+                   help="effective batch sizes")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per size")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "batch_memory.json"))
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and gpu) else "cpu")
+    rows = []
+    for n in a.batches:
+        rows.append(measure(a.model, n, min(a.micro, n), a.steps, a.warmup, device))
+        print(rows[-1], flush=True)
+    write_report(a.out, "batch_memory", rows, device=str(device), memory="cuda max_memory_allocated"
+                 if device.type == "cuda" else "peak RSS (VmHWM, reset per size)", target_gib=GIB_TARGET)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

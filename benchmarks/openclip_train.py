@@ -1,0 +1,103 @@
+"""Run open_clip's own trainer (``python -m open_clip_train.main``) as the reference.
+
+It runs in :func:`benchmarks.openclip_ref.ref_env` (webdataset 0.2.86 + pandas) on the
+same shards, batch size and precision as ours. A ``sitecustomize.py`` in a temp folder
+first on PYTHONPATH makes torchvision importable next to a CPU torch and registers our
+``configs/models/*.json`` (orbit-tiny, ...) in that process. Throughput comes from its
+``Train Epoch: ... Batch (t): AVG`` log lines, skipping the warm-up steps.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.bench_data import shard_urls
+from benchmarks.openclip_ref import ROOT, ref_env
+
+_SITECUSTOMIZE = """\
+import sys
+sys.path.insert(0, {root!r})
+import train.compat
+train.compat.ensure_torchvision()
+import open_clip
+open_clip.add_model_config({models!r})
+"""
+_LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+.*?Batch \(t\): ([0-9.]+)")
+
+
+def parse_log(text: str, batch_size: int, warmup_steps: int) -> dict:
+    """Steady-state samples/s from open_clip_train's log.
+
+    Each log line reports samples seen so far and the mean step time since the previous
+    line; intervals that start before ``warmup_steps`` are left out.
+
+    Raises:
+        ValueError: no interval after the warm-up was logged.
+    """
+    points = [(int(n), float(t)) for n, t in _LINE.findall(text)]
+    samples = seconds = 0.0
+    for (n0, _), (n1, avg) in zip(points, points[1:]):
+        steps = (n1 - n0) / batch_size
+        if n0 / batch_size >= warmup_steps and steps > 0:
+            samples += n1 - n0
+            seconds += steps * avg
+    if seconds <= 0:
+        raise ValueError(f"no timed interval after {warmup_steps} warm-up steps in {len(points)} log lines")
+    return {"samples": int(samples), "seconds": seconds, "samples_per_s": samples / seconds,
+            "log_lines": len(points)}
+
+
+def run_openclip_train(shards: Path, model: str, batch_size: int, steps: int, warmup_steps: int,
+                       precision: str, workers: int, device: str, log_every: int = 5,
+                       timeout: float = 1800) -> dict:
+    """Train ``model`` for ``steps`` steps with open_clip_train; return its measured rate.
+
+    Args:
+        shards: A shards output folder (its train split).
+        model: open_clip model name (ours from configs/models are registered).
+        batch_size: Per-process batch.
+        steps: Steps to run (``--train-num-samples`` = steps x batch, one epoch).
+        warmup_steps: Leading steps left out of the rate.
+        precision: open_clip's ``--precision`` (``amp_bf16`` on GPU, ``fp32`` on CPU).
+        workers: DataLoader workers.
+        device: ``cuda`` or ``cpu``.
+        log_every: ``--log-every-n-steps`` (the rate's resolution).
+
+    Raises:
+        RuntimeError: the trainer failed or logged no usable interval.
+    """
+    pattern, available = shard_urls(shards)
+    if steps * batch_size > available:
+        raise ValueError(f"{steps} steps x {batch_size} need {steps * batch_size} samples, shards have {available}")
+    with tempfile.TemporaryDirectory(prefix="openclip_ref_") as tmp:
+        site = Path(tmp) / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(root=str(ROOT), models=str(ROOT / "configs" / "models")))
+        env = ref_env()
+        env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
+        env.setdefault("OMP_NUM_THREADS", "1")
+        cmd = [
+            sys.executable, "-m", "open_clip_train.main",
+            "--train-data", pattern, "--train-num-samples", str(steps * batch_size),
+            "--dataset-type", "webdataset", "--batch-size", str(batch_size), "--precision", precision,
+            "--workers", str(workers), "--model", model, "--epochs", "1", "--log-every-n-steps", str(log_every),
+            "--device", device, "--report-to", "", "--save-frequency", "0", "--zeroshot-frequency", "0",
+            "--val-frequency", "0", "--warmup", "10", "--lr", "1e-4", "--seed", "0",
+            "--logs", str(Path(tmp) / "logs"), "--name", "ref",
+        ]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=timeout)
+        wall = time.perf_counter() - t0
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"open_clip_train failed (rc={proc.returncode}):\n{text[-4000:]}")
+    try:
+        result = parse_log(text, batch_size, warmup_steps)
+    except ValueError as e:
+        raise RuntimeError(f"open_clip_train: {e}; log tail:\n{text[-3000:]}") from e
+    return {**result, "wall_s_total": wall, "command": " ".join(cmd)}

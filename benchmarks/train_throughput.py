@@ -1,0 +1,296 @@
+"""Training throughput: samples/s, step-time breakdown, MFU and peak memory; ours vs open_clip_train.
+
+``python -m benchmarks.train_throughput --models ViT-B-32 ViT-B-16 orbit-tiny --batch-size 256``
+
+Per model, with our own model/loader/optimizer/engine builders (the trainer's hot path):
+
+- ``compute``: one batch already on the device, ``engine.step`` in a loop;
+- ``e2e``: batches from shards on local disk through ``train.data`` + ``engine.step``;
+- ``breakdown`` (instrumented, ``--breakdown``): the same step cut into data wait, forward,
+  backward, collectives and optimizer with CUDA events (perf_counter on CPU). Only this
+  mode synchronizes per step; the timed modes synchronize only at their two ends.
+
+FLOPs of one step come from ``torch.utils.flop_counter.FlopCounterMode``; MFU divides the
+achieved FLOP/s by ``--peak-flops`` (H100 bf16 dense) and, with ``--measure-peak``, also by
+a measured matmul rate. ``--openclip MODEL ...`` runs open_clip_train on the same shards,
+batch, precision and workers and reports ours/theirs (end to end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from benchmarks.bench_data import synthetic_shards
+from benchmarks.flops import H100_BF16_DENSE, count_flops, measure_matmul_peak, mfu
+from benchmarks.openclip_ref import ROOT
+from benchmarks.procstats import peak_rss_bytes, reset_peak_rss
+from benchmarks.report import write_report
+
+PHASES = ("data", "forward", "backward", "collectives", "optimizer")
+
+
+def make_config(model: str, batch_size: int, shards: Path | None, workers: int, precision: str,
+                accum_steps: int = 1, run_root: str | None = None) -> Any:
+    """A training config for the benchmark (shards source, plain AdamW, no eval/checkpoints)."""
+    from train.config import Config, ShardSourceConfig
+
+    cfg = Config()
+    cfg.model.name = model
+    cfg.data.batch_size, cfg.data.workers = batch_size, workers
+    if shards is not None:
+        cfg.data.shards = [ShardSourceConfig(path=str(shards))]
+    cfg.train.precision, cfg.train.accum_steps = precision, accum_steps
+    cfg.train.steps, cfg.train.progress = 10**6, False
+    cfg.optim.warmup_steps = 10
+    cfg.run.root = run_root or tempfile.mkdtemp(prefix="bench_run_")
+    return cfg
+
+
+class Setup:
+    """Model, engine and (optionally) loader built the way the trainer builds them."""
+
+    def __init__(self, cfg: Any, device: torch.device, with_loader: bool) -> None:
+        from train.data import build_train_loader
+        from train.distenv import DistEnv
+        from train.engine import build_engine
+        from train.model import build_model
+        from train.optim import build_optimizer
+        from train.schedule import build_scheduler
+
+        self.cfg, self.device = cfg, device
+        self.env = DistEnv()
+        torch.manual_seed(0)
+        self.bundle = build_model(cfg.model)
+        model = self.bundle.model.to(device)
+        optimizer = build_optimizer(model, cfg.optim)
+        self.engine = build_engine(cfg, model, optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.steps),
+                                   self.env, device)
+        self.loader = None
+        if with_loader:
+            b = self.bundle
+            self.loader = build_train_loader(cfg, self.env, b.tokenizer, b.image_size, b.mean, b.std)
+
+    def device_batch(self) -> Any:
+        """A random batch already on the device (compute-only mode)."""
+        from train.data import Batch
+
+        n, s = self.cfg.data.batch_size, self.bundle.image_size
+        # Made on the device: a 65k x 224 px batch is 39 GB of float32, slow to make on a host.
+        g = torch.Generator(device=self.device).manual_seed(0)
+        ctx = self.bundle.tokenizer(["x"]).shape[1]
+        images = torch.randn(n, 3, s, s, generator=g, device=self.device)
+        texts = torch.randint(1, 49000, (n, ctx), generator=g, device=self.device)
+        return Batch(images, texts, [str(i) for i in range(n)])
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work (only at the ends of a timed region)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak-memory window."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+
+
+def peak_gib(device: torch.device) -> float:
+    """Peak memory since :func:`reset_peak`: CUDA allocator peak, or process peak RSS on CPU."""
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+    return peak / 2**30
+
+
+def timed_steps(step: Callable[[], Any], warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+class PhaseClock:
+    """Marks phase boundaries with CUDA events (or perf_counter on CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def durations_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks (synchronizes once)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def instrumented_step(engine: Any, batches: Iterator, device: torch.device) -> dict[str, float]:
+    """One optimizer step cut into :data:`PHASES` (ms). Mirrors ``DDPEngine.step`` with
+    ``accum_steps == 1``; with several ranks the gradient all-reduce, which DDP overlaps
+    with backward, runs after it on purpose so that it can be timed."""
+    import torch.distributed as dist
+
+    from train.gradcache import encode
+    from train.loss import clamp_logit_scale_
+
+    clock = PhaseClock(device)
+    clock.mark()
+    batch = next(batches)
+    images = batch.images.to(device, non_blocking=True)
+    texts = batch.texts.to(device, non_blocking=True)
+    clock.mark()
+    with engine.autocast():
+        f = encode(engine.model, images, texts)
+    bias = f.bias.float() if f.bias is not None else None
+    loss = engine.loss_fn(f.image.float(), f.text.float(), f.scale.float(), bias)
+    clock.mark()
+    loss.backward()
+    clock.mark()
+    params = [p for p in engine.model.parameters() if p.grad is not None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad.div_(dist.get_world_size())
+    clock.mark()
+    if engine.clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, engine.clip_grad_norm)
+    engine.optimizer.step()
+    if engine.scheduler is not None:
+        engine.scheduler.step()
+    engine.optimizer.zero_grad(set_to_none=True)
+    clamp_logit_scale_(engine.model, engine.logit_scale_max)
+    clock.mark()
+    return dict(zip(PHASES, clock.durations_ms()))
+
+
+def breakdown(setup: Setup, steps: int, warmup: int) -> dict[str, float]:
+    """Median ms per phase over ``steps`` instrumented steps from the shards."""
+    if setup.cfg.train.accum_steps != 1 or not hasattr(setup.engine, "loss_fn"):
+        raise ValueError("the breakdown mirrors the DDP engine without accumulation (accum_steps=1)")
+    batches = iter(setup.loader)
+    rows = [instrumented_step(setup.engine, batches, setup.device) for _ in range(warmup + steps)][warmup:]
+    return {f"{k}_ms": sorted(r[k] for r in rows)[len(rows) // 2] for k in PHASES}
+
+
+def mfu_cols(flops: float, steps_per_s: float, args: argparse.Namespace) -> dict[str, float]:
+    """MFU against the nominal peak (``--peak-flops``) and, if measured, the matmul peak."""
+    cols = {"mfu": mfu(flops, steps_per_s, args.peak_flops)}
+    if args.measured_peak:
+        cols["mfu_vs_measured"] = mfu(flops, steps_per_s, args.measured_peak)
+    return cols
+
+
+def bench_model(model: str, args: argparse.Namespace, shards: Path, device: torch.device) -> list[dict]:
+    """All requested modes for one model; returns table rows."""
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    cfg = make_config(model, args.batch_size, shards, args.workers, precision)
+    setup = Setup(cfg, device, with_loader="e2e" in args.modes or args.breakdown)
+    engine, n = setup.engine, args.batch_size
+    gpu_batch = setup.device_batch()
+    flops = count_flops(lambda: engine.step(gpu_batch))
+    base = {"model": model, "batch": n, "precision": precision, "image_size": setup.bundle.image_size,
+            "gflops_per_step": flops / 1e9}
+    rows = []
+    if "compute" in args.modes:
+        reset_peak(device)
+        secs = timed_steps(lambda: engine.step(gpu_batch), args.warmup, args.steps, device)
+        rows.append({**base, "mode": "compute", "samples_per_s": n * args.steps / secs,
+                     "step_ms": secs / args.steps * 1e3, **mfu_cols(flops, args.steps / secs, args),
+                     "peak_mem_gib": peak_gib(device)})
+    if "e2e" in args.modes:
+        batches = iter(setup.loader)
+        reset_peak(device)
+        wait0 = setup.loader.wait_seconds
+        secs = timed_steps(lambda: engine.step(next(batches)), args.warmup, args.steps, device)
+        rows.append({**base, "mode": "e2e", "samples_per_s": n * args.steps / secs,
+                     "step_ms": secs / args.steps * 1e3, **mfu_cols(flops, args.steps / secs, args),
+                     "peak_mem_gib": peak_gib(device),
+                     "data_wait_ms": (setup.loader.wait_seconds - wait0) / (args.warmup + args.steps) * 1e3})
+        del batches
+    if args.breakdown:
+        rows.append({**base, "mode": "breakdown", **breakdown(setup, max(3, args.steps // 2), 2)})
+    if model in args.openclip:
+        rows += reference_rows(model, args, shards, device, base, rows)
+    return rows
+
+
+def reference_rows(model: str, args: argparse.Namespace, shards: Path, device: torch.device, base: dict,
+                   ours: list[dict]) -> list[dict]:
+    """open_clip_train on the same workload, plus the ours/theirs row."""
+    from benchmarks.openclip_train import run_openclip_train
+
+    ref = run_openclip_train(shards, model, args.batch_size, args.warmup + args.steps, args.warmup,
+                             "amp_bf16" if device.type == "cuda" else "fp32", args.workers, device.type,
+                             log_every=args.log_every)
+    theirs = ref["samples_per_s"]
+    rows = [{**base, "mode": "open_clip_train e2e", "samples_per_s": theirs,
+             "step_ms": args.batch_size / theirs * 1e3,
+             **mfu_cols(base["gflops_per_step"] * 1e9, theirs / args.batch_size, args)}]
+    e2e = [r for r in ours if r["mode"] == "e2e"]
+    if e2e:
+        rows.append({**base, "mode": "ratio ours/open_clip (e2e)", "samples_per_s": e2e[0]["samples_per_s"] / theirs})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: build/reuse synthetic shards, run each model, print the table, write JSON."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-B-16", "orbit-tiny"])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before each timed mode")
+    p.add_argument("--modes", nargs="+", choices=["compute", "e2e"], default=["compute", "e2e"])
+    p.add_argument("--breakdown", action="store_true", help="also run the instrumented (synchronizing) breakdown")
+    p.add_argument("--workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
+    p.add_argument("--shards", help="a shards output folder; default: build synthetic ones")
+    p.add_argument("--shard-image-size", type=int, default=224)
+    p.add_argument("--count", type=int, help="synthetic scenes (default: enough for every timed step)")
+    p.add_argument("--openclip", nargs="*", default=["ViT-B-32"], help="models to also run through open_clip_train")
+    p.add_argument("--log-every", type=int, default=5, help="open_clip_train --log-every-n-steps")
+    p.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE, help="MFU denominator (FLOP/s)")
+    p.add_argument("--measure-peak", action="store_true", help="also report MFU against a measured matmul peak")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "train_throughput.json"))
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if a.shards:
+        shards = Path(a.shards)
+    else:
+        # e2e and breakdown each consume (warmup + steps) batches; open_clip one epoch of them.
+        needed = a.batch_size * (a.warmup + a.steps) * 3
+        shards = synthetic_shards(a.count or needed, a.shard_image_size, shard_size=max(16, math.ceil(needed / 64)),
+                                  workers=a.workers)
+    a.measured_peak = None
+    if a.measure_peak:
+        a.measured_peak = measure_matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows = [row for m in a.models for row in bench_model(m, a, shards, device)]
+    write_report(a.out, "train_throughput", rows, shards=str(shards), device=str(device), steps=a.steps,
+                 warmup=a.warmup, workers=a.workers, peak_flops=a.peak_flops, measured_peak=a.measured_peak)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
