@@ -90,6 +90,23 @@ class Setup:
         texts = torch.randint(1, 49000, (n, ctx), generator=g, device=self.device)
         return Batch(images, texts, [str(i) for i in range(n)])
 
+    def host_batch(self) -> Any:
+        """A random batch in host memory, as the loader hands it over (pinned on CUDA).
+
+        The feature cache then copies one micro-batch at a time to the device, so device
+        memory no longer grows with the effective batch's inputs.
+        """
+        from train.data import Batch
+
+        n, s = self.cfg.data.batch_size, self.bundle.image_size
+        g = torch.Generator().manual_seed(0)
+        ctx = self.bundle.tokenizer(["x"]).shape[1]
+        images = torch.empty(n, 3, s, s, pin_memory=self.device.type == "cuda")
+        for chunk in images.split(4096):  # fill in slices: one huge randn needs 2x the memory
+            chunk.normal_(generator=g)
+        texts = torch.randint(1, 49000, (n, ctx), generator=g)
+        return Batch(images, texts, [str(i) for i in range(n)])
+
 
 def sync(device: torch.device) -> None:
     """Wait for queued device work (only at the ends of a timed region)."""

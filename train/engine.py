@@ -133,15 +133,15 @@ class DDPEngine:
             ``loss`` (mean over ranks = the full-batch loss), ``logit_scale`` (used in this
             step), ``grad_norm`` (before clipping), ``lr`` (used in this step).
         """
-        images = batch.images.to(self.device, non_blocking=True)
-        texts = batch.texts.to(self.device, non_blocking=True)
         # torch.full launches a fill with the value as argument: no host-device copy/sync.
         lr = torch.full((), float(self.optimizer.param_groups[0]["lr"]), device=self.device)
         if self.accum_steps == 1:
+            images = batch.images.to(self.device, non_blocking=True)
+            texts = batch.texts.to(self.device, non_blocking=True)
             loss, scale = plain_forward_backward(self.module, self.loss_fn, images, texts, self.autocast)
-        else:
+        else:  # the cache moves one micro-batch at a time to the device
             loss, scale = cached_forward_backward(
-                self.module, self.model, self.loss_fn, images, texts,
+                self.module, self.model, self.loss_fn, batch.images, batch.texts,
                 self.accum_steps, self.autocast, self.no_sync, self.device,
             )
         params = [p for p in self.model.parameters() if p.grad is not None]

@@ -156,6 +156,9 @@ def cached_forward_backward(
         raise ValueError(
             f"local batch of {n} images / {texts.shape[0]} texts cannot be cut into {accum_steps} equal micro-batches"
         )
+    # The batch may still be on the host: each micro-batch goes to the device only while
+    # it is encoded (twice), so device memory holds one micro-batch of inputs, not the
+    # whole cached batch (65k x 224 px of float32 alone is 37 GiB).
     image_chunks, text_chunks = images.chunk(accum_steps), texts.chunk(accum_steps)
 
     states, cached = [], []
@@ -163,7 +166,7 @@ def cached_forward_backward(
         for im, tx in zip(image_chunks, text_chunks):
             states.append(capture_rng(device))
             with autocast():
-                cached.append(encode(raw_model, im, tx))
+                cached.append(encode(raw_model, im.to(device, non_blocking=True), tx.to(device, non_blocking=True)))
     after = capture_rng(device)
 
     # Leaves that stand in for the towers' outputs: the loss graph ends here.
@@ -183,7 +186,7 @@ def cached_forward_backward(
         restore_rng(states[i], device)
         with no_sync() if not last else contextlib.nullcontext():
             with autocast():
-                f = encode(module, im, tx)
+                f = encode(module, im.to(device, non_blocking=True), tx.to(device, non_blocking=True))
             rows = slice(i * micro, (i + 1) * micro)
             tensors = [f.image, f.text] + ([f.scale, f.bias] if last else [])
             cotangents = [g_img[rows], g_txt[rows]] + ([g_scale, g_bias] if last else [])
