@@ -239,3 +239,24 @@ def test_bad_samples_are_counted_not_fatal(tmp_path, caplog):
     assert dl.stats["skipped/decode_error"] == 1 and dl.stats["skipped/no_caption"] == 1
     assert len(set(keys)) == 22 and dl.stats["repeated"] == 2  # two slots refilled from the stream's range
     assert "skipping sample k00_003" in caplog.text
+
+
+def test_cached_tokenizer_matches_and_tokenizes_each_caption_once():
+    from train.data import CachedTokenizer
+    from train.model import open_clip  # imported through the torchvision shim
+
+    seen: list[str] = []
+    base = open_clip.SimpleTokenizer(context_length=16)
+
+    def counting(captions: list[str]):
+        seen.extend(captions)
+        return base(captions)
+
+    tok = CachedTokenizer(counting, max_entries=3)
+    batch = ["a lake.", "a forest.", "a lake.", "a road."]
+    assert torch.equal(tok(batch), base(batch))
+    assert seen == ["a lake.", "a forest.", "a road."]
+    assert torch.equal(tok(["a road.", "a lake."]), base(["a road.", "a lake."]))
+    assert len(seen) == 3  # all cached
+    assert torch.equal(tok(["a river."]), base(["a river."]))  # over max_entries: cache reset, still right
+    assert seen[-1] == "a river." and len(tok._cache) == 1

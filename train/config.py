@@ -34,6 +34,11 @@ class ModelConfig:
     """Freeze the text tower."""
     lock_text_unlocked_layers: int = 0
     """With lock_text: how many last layers stay trainable."""
+    freeze_token_embedding: bool = False
+    """Keep the token embedding (49408 x width, most of a tiny CLIP's parameters) fixed. From
+    scratch on template captions only a few dozen rows are ever used, yet AdamW and the
+    gradient all-reduce touch all of them every step; random fixed rows are still distinct
+    inputs for the text transformer."""
     patch_dropout: float = 0.0
     """FLIP: fraction of image patches dropped during training (0 = off)."""
     grad_checkpointing: bool = False
@@ -149,6 +154,9 @@ class TrainConfig:
     """Cut each rank's batch into this many micro-batches (feature cache / GradCache)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto``: bf16 autocast on GPU, fp32 on CPU."""
+    unique_texts: bool = False
+    """Encode each distinct caption of a (micro-)batch once: exact, and nearly frees the
+    text tower with template captions; costs one host sync per step on GPU."""
     engine: Literal["ddp", "deepspeed"] = "ddp"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

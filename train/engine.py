@@ -99,6 +99,7 @@ class DDPEngine:
         precision: str = "auto",
         clip_grad_norm: float | None = None,
         logit_scale_max: float = 100.0,
+        unique_texts: bool = False,
     ) -> None:
         if accum_steps < 1:
             raise ValueError(f"train.accum_steps must be >= 1, got {accum_steps}")
@@ -111,6 +112,7 @@ class DDPEngine:
         self.accum_steps = accum_steps
         self.clip_grad_norm = clip_grad_norm
         self.logit_scale_max = logit_scale_max
+        self.unique_texts = unique_texts
         self.autocast = autocast_factory(precision, self.device)
         self.module: nn.Module = self.model
         self.no_sync: Callable[[], ContextManager] = contextlib.nullcontext
@@ -138,11 +140,13 @@ class DDPEngine:
         if self.accum_steps == 1:
             images = batch.images.to(self.device, non_blocking=True)
             texts = batch.texts.to(self.device, non_blocking=True)
-            loss, scale = plain_forward_backward(self.module, self.loss_fn, images, texts, self.autocast)
+            loss, scale = plain_forward_backward(
+                self.module, self.loss_fn, images, texts, self.autocast, unique_texts=self.unique_texts
+            )
         else:  # the cache moves one micro-batch at a time to the device
             loss, scale = cached_forward_backward(
                 self.module, self.model, self.loss_fn, batch.images, batch.texts,
-                self.accum_steps, self.autocast, self.no_sync, self.device,
+                self.accum_steps, self.autocast, self.no_sync, self.device, unique_texts=self.unique_texts,
             )
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
@@ -247,6 +251,7 @@ def _build_ddp(
         model, optimizer, scheduler, build_loss(cfg.loss), env, device,
         accum_steps=cfg.train.accum_steps, precision=cfg.train.precision,
         clip_grad_norm=cfg.optim.clip_grad_norm, logit_scale_max=cfg.loss.logit_scale_max,
+        unique_texts=cfg.train.unique_texts,
     )
 
 

@@ -84,6 +84,7 @@ class DeepSpeedEngine:
             )
         self.env, self.device = env, torch.device(device)
         self.accum_steps = cfg.train.accum_steps
+        self.unique_texts = cfg.train.unique_texts
         self.logit_scale_max = cfg.loss.logit_scale_max
         self.zero_stage = cfg.deepspeed.zero_stage
         self.loss_fn = build_loss(cfg.loss)
@@ -133,11 +134,13 @@ class DeepSpeedEngine:
         lr = torch.tensor(float(self.optimizer.param_groups[0]["lr"]))
         self.ds.set_gradient_accumulation_boundary(True)
         if self.accum_steps == 1:
-            loss, scale = plain_forward_backward(self.ds, self.loss_fn, images, texts, contextlib.nullcontext, self._backward)
+            loss, scale = plain_forward_backward(
+                self.ds, self.loss_fn, images, texts, contextlib.nullcontext, self._backward, self.unique_texts
+            )
         else:
             loss, scale = cached_forward_backward(
                 self.ds, self.ds, self.loss_fn, images, texts, self.accum_steps,
-                contextlib.nullcontext, self._not_boundary, self.device, self._backward,
+                contextlib.nullcontext, self._not_boundary, self.device, self._backward, self.unique_texts,
             )
         grad_norm = self._grad_norm_before_step()
         self.ds.step()

@@ -37,11 +37,19 @@ class Features:
     bias: torch.Tensor | None
 
 
-def encode(module: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> Features:
+def encode(module: nn.Module, images: torch.Tensor, texts: torch.Tensor, unique_texts: bool = False) -> Features:
     """Run an open_clip CLIP (or a DDP wrapper of one) on a batch.
 
     Accepts both of open_clip's output forms (tuple, or dict with ``output_dict=True``).
+    With ``unique_texts`` each distinct token row is encoded once and its embedding
+    indexed back into place: the same loss and gradients (indexing's backward sums the
+    copies), but with template captions (10 classes x 3 templates) the text tower
+    costs almost nothing. ``torch.unique`` syncs with the host, so it is opt-in.
     """
+    if unique_texts:
+        distinct, inverse = torch.unique(texts, dim=0, return_inverse=True)
+        f = encode(module, images, distinct)
+        return Features(f.image, f.text[inverse], f.scale, f.bias)
     out = module(images, texts)
     if isinstance(out, dict):
         return Features(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
@@ -107,16 +115,18 @@ def plain_forward_backward(
     texts: torch.Tensor,
     autocast: Callable[[], ContextManager],
     backward: BackwardFn = autograd_backward,
+    unique_texts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward the whole local batch through ``module`` and back-propagate the loss.
 
-    ``backward`` replaces autograd where an engine must see every backward (DeepSpeed).
+    ``backward`` replaces autograd where an engine must see every backward (DeepSpeed);
+    ``unique_texts`` as in :func:`encode`.
 
     Returns:
         (local loss ``L_r``, logit scale), both detached.
     """
     with autocast():
-        f = encode(module, images, texts)
+        f = encode(module, images, texts, unique_texts)
     loss = _loss_fp32(loss_fn, f)
     if loss.requires_grad:
         backward([loss], [torch.ones_like(loss)])
@@ -134,6 +144,7 @@ def cached_forward_backward(
     no_sync: Callable[[], ContextManager],
     device: torch.device,
     backward: BackwardFn = autograd_backward,
+    unique_texts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact full-batch gradient computed ``accum_steps`` micro-batches at a time.
 
@@ -147,6 +158,7 @@ def cached_forward_backward(
         no_sync: returns DDP's ``no_sync()`` context (``nullcontext`` without DDP).
         device: where the towers run (to record the right RNG).
         backward: how each re-forward's cotangents are back-propagated (default autograd).
+        unique_texts: encode each distinct caption of a micro-batch once (see :func:`encode`).
 
     Returns:
         (local loss ``L_r``, logit scale), both detached.
@@ -166,7 +178,7 @@ def cached_forward_backward(
         for im, tx in zip(image_chunks, text_chunks):
             states.append(capture_rng(device))
             with autocast():
-                cached.append(encode(raw_model, im.to(device, non_blocking=True), tx.to(device, non_blocking=True)))
+                cached.append(encode(raw_model, im.to(device, non_blocking=True), tx.to(device, non_blocking=True), unique_texts))
     after = capture_rng(device)
 
     # Leaves that stand in for the towers' outputs: the loss graph ends here.
@@ -186,7 +198,7 @@ def cached_forward_backward(
         restore_rng(states[i], device)
         with no_sync() if not last else contextlib.nullcontext():
             with autocast():
-                f = encode(module, im.to(device, non_blocking=True), tx.to(device, non_blocking=True))
+                f = encode(module, im.to(device, non_blocking=True), tx.to(device, non_blocking=True), unique_texts)
             rows = slice(i * micro, (i + 1) * micro)
             tensors = [f.image, f.text] + ([f.scale, f.bias] if last else [])
             cotangents = [g_img[rows], g_txt[rows]] + ([g_scale, g_bias] if last else [])

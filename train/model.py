@@ -415,10 +415,24 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> ClipBun
                                freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
     if cfg.lock_text:
         model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=True)
+    if cfg.freeze_token_embedding:
+        token_embedding(model).weight.requires_grad_(False)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     bundle.model = model.to(device).train()
     return bundle
+
+
+def token_embedding(model: torch.nn.Module) -> torch.nn.Embedding:
+    """The text tower's token embedding (built-in CLIP or a CustomTextCLIP's ``text``)."""
+    for owner in (model, getattr(model, "text", None)):
+        emb = getattr(owner, "token_embedding", None)
+        if isinstance(emb, torch.nn.Embedding):
+            return emb
+    raise ModelLoadError(
+        "model.freeze_token_embedding: this architecture's text tower has no token_embedding "
+        "(HF text towers are not supported)"
+    )
 
 
 def load_model(spec: str, device: str | torch.device = "cpu") -> ClipBundle:
