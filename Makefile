@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PYTHONDONTWRITEBYTECODE := 1
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo clean-demo
+.PHONY: setup test demo clean-demo recipes-check
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ demo: $(STAMP)
 	  --benchmark demo --out runs/demo/eval/final --no-progress
 	@echo "Contact sheet: runs/demo-shards/grid.png   Confusion matrix: runs/demo/eval/final/"
 	@echo "TensorBoard:   $(VENV)/bin/tensorboard --logdir runs/demo/tb"
+
+# Re-run the CPU recipes (10 min each) and fail if a result drops > 2 points below
+# configs/recipes/results.json. Not part of `make test`.
+recipes-check: $(STAMP)
+	$(PY) -m benchmarks.recipes check
 
 clean-demo:
 	rm -rf runs/demo runs/demo-shards
