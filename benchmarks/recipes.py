@@ -177,7 +177,7 @@ def results_markdown(recorded: dict[str, dict]) -> str:
                   f"- commit `{m.get('commit')}`, {m.get('time')}, {where}, torch {m.get('torch')}",
                   f"- training {r['train_wall_s'] / 60:.1f} min (budget {r['budget_s'] / 60:.0f} min), "
                   f"evaluation {r['eval_wall_s']:.0f} s",
-                  f"- command: `{r['command']}`"]
+                  f"- command: `{r['command']}`"] + ([f"- {r['note']}"] if r.get("note") else [])
         if r.get("target") is not None:
             (key, value), = list(r["metrics"].items())[:1]
             verdict = "reached" if value is not None and value >= r["target"] else "NOT reached"
@@ -251,9 +251,11 @@ def main(argv: list[str] | None = None) -> int:
             _write_recorded(recorded)
         return 0
     recorded = _load_recorded()
-    names = args.names or [n for n in recorded if RECIPES[n].cpu]
+    names = args.names or [n for n in recorded if n in RECIPES and RECIPES[n].cpu]
     failures = {}
     for name in names:
+        if name not in RECIPES:
+            raise SystemExit(f"[recipes] {name} is not a recipe of benchmarks.recipes (the story runs as benchmarks.story)")
         if name not in recorded:
             raise SystemExit(f"[recipes] {name} has no recorded result to check against")
         problems = compare(run_recipe(name, [], run_name=f"{name}-check"), recorded[name], args.tolerance)

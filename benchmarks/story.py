@@ -13,10 +13,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
 from pathlib import Path
 
-from benchmarks.recipes import EUROSAT, RECIPES, ROOT, Recipe, _env, _run, run_recipe, train_command
+from benchmarks.recipes import (
+    EUROSAT, RECIPES, ROOT, Recipe, _env, _load_recorded, _run, _write_recorded, run_recipe, train_command,
+)
+from benchmarks.report import machine_info
 
 PRETRAIN = "rsicd_scratch_cpu"
 FINETUNE = Recipe("configs/recipes/story_finetune_cpu.yaml", [EUROSAT], ["eurosat"], [("eurosat", "acc1")], None, 180)
@@ -26,6 +31,7 @@ BENCHMARKS = ["eurosat", "ucm_captions_val"]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.story", description=__doc__.split("\n\n")[0])
     p.add_argument("--skip-pretrain", action="store_true", help="reuse runs/recipes/rsicd_scratch_cpu as it is")
+    p.add_argument("--record", action="store_true", help="store the table in configs/recipes/results.json")
     args = p.parse_args(argv)
     pre = ROOT / "runs" / "recipes" / PRETRAIN
     if not (args.skip_pretrain or (pre / "model.pt").exists()):
@@ -34,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in FINETUNE.builds:
         if not (ROOT / b.output / "manifest.json").exists():
             _run(b.command(), env)
-    _run(train_command(FINETUNE, "story_finetune_cpu", []), env)
+    finetune_s = _run(train_command(FINETUNE, "story_finetune_cpu", []), env)
     out = Path("runs/recipes/story/eval")
     cmd = [sys.executable, "-m", "eval", "run",
            "--model", "orbit-tiny", "--name", "random init (orbit-tiny)",
@@ -42,8 +48,20 @@ def main(argv: list[str] | None = None) -> int:
            "--model", "runs/recipes/story_finetune_cpu", "--name", "fine-tuned on EuroSAT captions"]
     for b in BENCHMARKS:
         cmd += ["--benchmark", b]
-    _run(cmd + ["--out", str(out), "--no-progress"], env)
+    eval_s = _run(cmd + ["--out", str(out), "--no-progress"], env)
     print(f"[story] table: {out / 'results.md'}")
+    if args.record:
+        rows = {r["model"]: r["results"] for r in json.loads((ROOT / out / "results.json").read_text())["models"]}
+        recorded = _load_recorded()
+        recorded["story"] = {
+            "recipe": "story", "command": "python -m benchmarks.story" + (" --skip-pretrain" if args.skip_pretrain else ""),
+            "train_wall_s": round(finetune_s, 1), "eval_wall_s": round(eval_s, 1), "budget_s": FINETUNE.budget_s,
+            "metrics": {f"{label}/eurosat/acc1": res["eurosat"]["metrics"]["acc1"] for label, res in rows.items()},
+            "target": None, "table": (ROOT / out / "results.md").read_text(), "machine": machine_info(),
+            "note": f"pre-training: the {PRETRAIN} run above; training time = the fine-tuning only; "
+                    f"fine-tune command: {shlex.join(train_command(FINETUNE, 'story_finetune_cpu', [])[1:])}",
+        }
+        _write_recorded(recorded)
     return 0
 
 
