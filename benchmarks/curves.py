@@ -23,15 +23,22 @@ def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    files = sorted(Path(run_dir).rglob("events.out.tfevents.*"))
+    files = list(Path(run_dir).rglob("events.out.tfevents.*"))
     if not files:
-        raise FileNotFoundError(f"{run_dir}: no TensorBoard event files (was train.tensorboard off?)")
-    series: dict[str, dict[int, float]] = {}
-    for f in files:  # a resumed run writes a new file per attempt; later values win
+        raise FileNotFoundError(f"{run_dir}: no TensorBoard event files (TensorBoard logs live in a run's tb/ folder)")
+    loaded = []
+    for f in files:
         acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
         acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            series.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+        events = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+        first = min((e.wall_time for evs in events.values() for e in evs), default=0.0)
+        loaded.append((first, events))
+    # A resumed run writes a new file per attempt. File names do not sort by time (their
+    # per-process counter goes ...8, 9, 10), so order by first write; later values win.
+    series: dict[str, dict[int, float]] = {}
+    for _, events in sorted(loaded, key=lambda x: x[0]):
+        for tag, evs in events.items():
+            series.setdefault(tag, {}).update({e.step: e.value for e in evs})
     return {tag: sorted(points.items()) for tag, points in series.items()}
 
 

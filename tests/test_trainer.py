@@ -41,11 +41,10 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """Every scalar of the run, by step, over all its event files (one per attempt)."""
+    from benchmarks.curves import read_scalars
 
-    acc = EventAccumulator(str(run_dir / "tb"))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return read_scalars(run_dir / "tb")
 
 
 @pytest.fixture(scope="module")

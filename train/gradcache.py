@@ -178,7 +178,9 @@ def cached_forward_backward(
         for im, tx in zip(image_chunks, text_chunks):
             states.append(capture_rng(device))
             with autocast():
-                cached.append(encode(raw_model, im.to(device, non_blocking=True), tx.to(device, non_blocking=True), unique_texts))
+                cached.append(encode(
+                    raw_model, im.to(device, non_blocking=True), tx.to(device, non_blocking=True), unique_texts
+                ))
     after = capture_rng(device)
 
     # Leaves that stand in for the towers' outputs: the loss graph ends here.
