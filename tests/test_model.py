@@ -296,3 +296,16 @@ def test_no_decay_parameter_names():
     assert decayed == {"visual.conv1.weight", "visual.proj", "text_projection"} | {
         n for n in decayed if n.endswith(suffixes)}
     assert sum(n.endswith(suffixes) for n in decayed) == 4 * 3  # 2 vision + 1 text blocks
+
+
+def test_random_init_for_eval_is_reproducible_and_leaves_global_rng_alone():
+    from train.model import load_model
+
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = load_model("orbit-micro").model.state_dict()
+    after = torch.rand(1)
+    b = load_model("orbit-micro").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(before, after)

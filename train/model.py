@@ -443,8 +443,13 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> ClipBundle:
             directory of ours (its ``checkpoints/latest``), a step folder, or a checkpoint file
             inside a run directory (architecture from the run's ``config.yaml``).
         device: where the model goes.
+
+    A random-init ``ARCH`` is drawn from seed 0 (the global RNG is left as it was), so a
+    table's "random init" baseline row is the same model every time.
     """
-    bundle = _instantiate(_resolve(spec), {}, allow_checkpoint_bias=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        bundle = _instantiate(_resolve(spec), {}, allow_checkpoint_bias=True)
     bundle.model = bundle.model.to(device).eval()
     return bundle
 
