@@ -49,6 +49,10 @@ class Build:
     needs: str
     """Folder under the data root that must exist (else the recipe is skipped, with why)."""
 
+    def built(self) -> bool:
+        """Whether the shards are already there (their manifest is written last)."""
+        return (ROOT / self.output / "manifest.json").exists()
+
     def command(self) -> list[str]:
         return [sys.executable, "-m", "shards", "build", "--output", self.output, "--workers", "2", "--quiet",
                 *[a.replace("{DATA}", str(DATA)) for a in self.args]]
@@ -112,7 +116,7 @@ def _env(recipe: Recipe) -> dict[str, str]:
 def missing_data(recipe: Recipe) -> str | None:
     """Why the recipe cannot run here (its data folder is absent), or None."""
     for b in recipe.builds:
-        if not Path(b.output).exists() and not (DATA / b.needs).exists():
+        if not b.built() and not (DATA / b.needs).exists():
             return f"{DATA / b.needs} is absent (set ORBITCLIP_DATA to the folder holding it)"
     return None
 
@@ -132,6 +136,23 @@ def _run(cmd: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
+def ensure_shards(recipe: Recipe, env: dict[str, str]) -> None:
+    """Build the recipe's shards that are not there yet."""
+    for b in recipe.builds:
+        if not b.built():
+            _run(b.command(), env)
+
+
+def eval_command(models: list[tuple[str, str]], benchmarks: list[str], out: Path) -> list[str]:
+    """``python -m eval run`` on ``(model spec, table label)`` pairs, writing to ``out``."""
+    cmd = [sys.executable, "-m", "eval", "run"]
+    for spec, label in models:
+        cmd += ["--model", spec, "--name", label]
+    for b in benchmarks:
+        cmd += ["--benchmark", b]
+    return cmd + ["--out", str(out), "--no-progress"]
+
+
 def run_recipe(name: str, overrides: list[str], run_name: str | None = None) -> dict:
     """Build shards if missing, train from scratch, evaluate; returns the recipe record."""
     recipe = RECIPES[name]
@@ -139,21 +160,16 @@ def run_recipe(name: str, overrides: list[str], run_name: str | None = None) -> 
     if why:
         raise SystemExit(f"[recipes] {name}: skipped: {why}")
     env = _env(recipe)
-    for b in recipe.builds:
-        if not (ROOT / b.output / "manifest.json").exists():
-            _run(b.command(), env)
+    ensure_shards(recipe, env)
     run_name = run_name or name
     run_dir = ROOT / "runs" / "recipes" / run_name
     cmd = train_command(recipe, run_name, ["run.root=runs/recipes", *overrides])
     train_s = _run(cmd, env)
     out = run_dir / "eval" / "final"
-    ev = [sys.executable, "-m", "eval", "run", "--model", str(run_dir.relative_to(ROOT)), "--name", name]
+    models = [(str(run_dir.relative_to(ROOT)), name)]
     if recipe.baseline:
-        ev += ["--model", recipe.baseline, "--name", f"{recipe.baseline} (random init)"]
-    for b in recipe.benchmarks:
-        ev += ["--benchmark", b]
-    ev += ["--out", str(out.relative_to(ROOT)), "--no-progress"]
-    eval_s = _run(ev, env)
+        models.append((recipe.baseline, f"{recipe.baseline} (random init)"))
+    eval_s = _run(eval_command(models, recipe.benchmarks, out.relative_to(ROOT)), env)
     results = json.loads((out / "results.json").read_text())
     metrics = {f"{b}/{m}": results["models"][0]["results"][b]["metrics"].get(m) for b, m in recipe.headline}
     record = {

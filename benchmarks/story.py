@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from benchmarks.recipes import (
-    EUROSAT, RECIPES, ROOT, Recipe, _env, _load_recorded, _run, _write_recorded, run_recipe, train_command,
+    EUROSAT, ROOT, Recipe, _env, _load_recorded, _run, _write_recorded, ensure_shards, eval_command, run_recipe,
+    train_command,
 )
 from benchmarks.report import machine_info
 
@@ -37,18 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.skip_pretrain or (pre / "model.pt").exists()):
         run_recipe(PRETRAIN, [])
     env = _env(FINETUNE)
-    for b in FINETUNE.builds:
-        if not (ROOT / b.output / "manifest.json").exists():
-            _run(b.command(), env)
+    ensure_shards(FINETUNE, env)
     finetune_s = _run(train_command(FINETUNE, "story_finetune_cpu", []), env)
     out = Path("runs/recipes/story/eval")
-    cmd = [sys.executable, "-m", "eval", "run",
-           "--model", "orbit-tiny", "--name", "random init (orbit-tiny)",
-           "--model", f"runs/recipes/{PRETRAIN}", "--name", "pre-trained on RSICD+UCM (zero-shot)",
-           "--model", "runs/recipes/story_finetune_cpu", "--name", "fine-tuned on EuroSAT captions"]
-    for b in BENCHMARKS:
-        cmd += ["--benchmark", b]
-    eval_s = _run(cmd + ["--out", str(out), "--no-progress"], env)
+    models = [("orbit-tiny", "random init (orbit-tiny)"),
+              (f"runs/recipes/{PRETRAIN}", "pre-trained on RSICD+UCM (zero-shot)"),
+              ("runs/recipes/story_finetune_cpu", "fine-tuned on EuroSAT captions")]
+    eval_s = _run(eval_command(models, BENCHMARKS, out), env)
     print(f"[story] table: {out / 'results.md'}")
     if args.record:
         rows = {r["model"]: r["results"] for r in json.loads((ROOT / out / "results.json").read_text())["models"]}
@@ -66,5 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    assert PRETRAIN in RECIPES
     sys.exit(main())
