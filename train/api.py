@@ -1,0 +1,38 @@
+"""The declared surface of ``train`` for the other packages (eval, launch, search).
+
+Packages outside ``train`` import from here only (``tests/test_layers.py`` enforces it),
+so the inside of ``train`` can move without breaking them. Light names are imported
+eagerly; the heavy ones (open_clip) load on first call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.compat import ensure_torchvision
+from train.config import Config, load_config
+from train.configbase import ConfigError, from_dict, read_yaml, to_dict
+from train.distenv import DistEnv, dist_env_from
+
+
+def load_model(spec: str, device: str | torch.device = "cpu") -> Any:
+    """A ``ClipBundle`` for evaluation or search (see :func:`train.model.load_model`)."""
+    from train.model import load_model as _load
+
+    return _load(spec, device)
+
+
+def save_local_dir(bundle: Any, folder: str | Path) -> Path:
+    """Export a bundle as an open_clip ``local-dir:`` folder."""
+    from train.model import save_local_dir as _save
+
+    return _save(bundle, folder)
+
+
+__all__ = [
+    "Config", "ConfigError", "DistEnv", "dist_env_from", "ensure_torchvision", "from_dict", "load_config",
+    "load_model", "read_yaml", "save_local_dir", "to_dict",
+]
