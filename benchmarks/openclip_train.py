@@ -22,8 +22,8 @@ from benchmarks.openclip_ref import ROOT, ref_env
 _SITECUSTOMIZE = """\
 import sys
 sys.path.insert(0, {root!r})
-import train.compat
-train.compat.ensure_torchvision()
+import train.core.compat
+train.core.compat.ensure_torchvision()
 import open_clip
 open_clip.add_model_config({models!r})
 """

@@ -21,9 +21,9 @@ import torch
 
 from benchmarks.procstats import tree_cpu_seconds
 
-import train.compat  # noqa: E402  (before open_clip imports torchvision)
+import train.core.compat  # noqa: E402  (before open_clip imports torchvision)
 
-train.compat.ensure_torchvision()
+train.core.compat.ensure_torchvision()
 
 import open_clip  # noqa: E402
 
@@ -32,14 +32,14 @@ MEAN, STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
 
 def ours_loader(shards: str, batch_size: int, workers: int, image_size: int, model: str) -> Iterable:
     """Our training loader, default augmentation (random resized crop, flips, rot90)."""
-    from train.config import Config, ShardSourceConfig
+    from train.core.config import Config, ShardSourceConfig
     from train.data import build_train_loader
-    from train.distenv import DistEnv
+    from train.core.distenv import DistEnv
 
     cfg = Config()
     cfg.data.shards = [ShardSourceConfig(path=shards)]
     cfg.data.batch_size, cfg.data.workers = batch_size, workers
-    return build_train_loader(cfg, DistEnv(), open_clip.get_tokenizer(model), image_size, MEAN, STD)
+    return build_train_loader(cfg.data, cfg.train.seed, DistEnv(), open_clip.get_tokenizer(model), image_size, MEAN, STD)
 
 
 def openclip_loader(shards: str, batch_size: int, workers: int, image_size: int, model: str) -> Iterable:

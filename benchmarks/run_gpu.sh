@@ -46,7 +46,7 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-"$PY" -c "import train.compat; train.compat.ensure_torchvision(); import torch, open_clip, webdataset; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'open_clip', open_clip.__version__, 'wds', webdataset.__version__)" || exit 1
+"$PY" -c "import train.core.compat; train.core.compat.ensure_torchvision(); import torch, open_clip, webdataset; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'open_clip', open_clip.__version__, 'wds', webdataset.__version__)" || exit 1
 
 status=0
 stage() {  # name, time limit (s), command...

@@ -5,7 +5,7 @@
 Per model, with our own model/loader/optimizer/engine builders (the trainer's hot path):
 
 - ``compute``: one batch already on the device, ``engine.step`` in a loop;
-- ``e2e``: batches from shards on local disk through ``train.data`` + ``engine.step``;
+- ``e2e``: batches from shards on local disk through ``train.data.batch`` + ``engine.step``;
 - ``breakdown`` (instrumented, ``--breakdown``): the same step cut into data wait, forward,
   backward, collectives and optimizer with CUDA events (perf_counter on CPU). Only this
   mode synchronizes per step; the timed modes synchronize only at their two ends.
@@ -40,7 +40,7 @@ PHASES = ("data", "forward", "backward", "collectives", "optimizer")
 def make_config(model: str, batch_size: int, shards: Path | None, workers: int, precision: str,
                 accum_steps: int = 1, run_root: str | None = None) -> Any:
     """A training config for the benchmark (shards source, plain AdamW, no eval/checkpoints)."""
-    from train.config import Config, ShardSourceConfig
+    from train.core.config import Config, ShardSourceConfig
 
     cfg = Config()
     cfg.model.name = model
@@ -59,11 +59,11 @@ class Setup:
 
     def __init__(self, cfg: Any, device: torch.device, with_loader: bool) -> None:
         from train.data import build_train_loader
-        from train.distenv import DistEnv
-        from train.engine import build_engine
-        from train.model import build_model
-        from train.optim import build_optimizer
-        from train.schedule import build_scheduler
+        from train.core.distenv import DistEnv
+        from train.engines import EngineParts, build_engine
+        from train.model.factory import build_model
+        from train.optim.optimizer import build_optimizer
+        from train.optim.schedule import build_scheduler
 
         self.cfg, self.device = cfg, device
         self.env = DistEnv()
@@ -71,16 +71,16 @@ class Setup:
         self.bundle = build_model(cfg.model)
         model = self.bundle.model.to(device)
         optimizer = build_optimizer(model, cfg.optim)
-        self.engine = build_engine(cfg, model, optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.steps),
-                                   self.env, device)
+        sched = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        self.engine = build_engine(cfg.train.engine, EngineParts.from_config(cfg, model, optimizer, sched, self.env, device))
         self.loader = None
         if with_loader:
             b = self.bundle
-            self.loader = build_train_loader(cfg, self.env, b.tokenizer, b.image_size, b.mean, b.std)
+            self.loader = build_train_loader(cfg.data, cfg.train.seed, self.env, b.tokenizer, b.image_size, b.mean, b.std)
 
     def device_batch(self) -> Any:
         """A random batch already on the device (compute-only mode)."""
-        from train.data import Batch
+        from train.data.batch import Batch
 
         n, s = self.cfg.data.batch_size, self.bundle.image_size
         # Made on the device: a 65k x 224 px batch is 39 GB of float32, slow to make on a host.
@@ -96,7 +96,7 @@ class Setup:
         The feature cache then copies one micro-batch at a time to the device, so device
         memory no longer grows with the effective batch's inputs.
         """
-        from train.data import Batch
+        from train.data.batch import Batch
 
         n, s = self.cfg.data.batch_size, self.bundle.image_size
         g = torch.Generator().manual_seed(0)
@@ -167,10 +167,8 @@ def instrumented_step(engine: Any, batches: Iterator, device: torch.device) -> d
     """One optimizer step cut into :data:`PHASES` (ms). Mirrors ``DDPEngine.step`` with
     ``accum_steps == 1``; with several ranks the gradient all-reduce, which DDP overlaps
     with backward, runs after it on purpose so that it can be timed."""
-    import torch.distributed as dist
-
-    from train.gradcache import encode
-    from train.loss import clamp_logit_scale_
+    from train.objective.forward import encode
+    from train.objective.loss import clamp_logit_scale_
 
     clock = PhaseClock(device)
     clock.mark()
@@ -178,7 +176,7 @@ def instrumented_step(engine: Any, batches: Iterator, device: torch.device) -> d
     images = batch.images.to(device, non_blocking=True)
     texts = batch.texts.to(device, non_blocking=True)
     clock.mark()
-    with engine.autocast():
+    with engine.forward.autocast():
         f = encode(engine.model, images, texts)
     bias = f.bias.float() if f.bias is not None else None
     loss = engine.loss_fn(f.image.float(), f.text.float(), f.scale.float(), bias)
@@ -186,10 +184,9 @@ def instrumented_step(engine: Any, batches: Iterator, device: torch.device) -> d
     loss.backward()
     clock.mark()
     params = [p for p in engine.model.parameters() if p.grad is not None]
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if engine.comm.world > 1:
         for p in params:
-            dist.all_reduce(p.grad)
-            p.grad.div_(dist.get_world_size())
+            p.grad.copy_(engine.comm.all_reduce(p.grad, "mean"))
     clock.mark()
     if engine.clip_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, engine.clip_grad_norm)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from eval.benchmark import BenchmarkSpec
 from eval.dataset import EvalDataset
 from eval.features import FeatureExtractor
+
+if TYPE_CHECKING:  # annotations only: benchmark -> registry -> evaluators -> context
+    from eval.benchmark import BenchmarkSpec
 
 
 class EvalError(RuntimeError):

@@ -6,10 +6,11 @@ plus a dataclass ``Options`` validated from the benchmark YAML (unknown keys rej
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from train.configbase import ConfigError, from_dict
+from train.api import ConfigError, from_dict
 
 Metric = tuple[str, float]
 
@@ -26,6 +27,15 @@ class Evaluator:
 
 
 _REGISTRY: dict[str, Evaluator] = {}
+# Built-in plug-ins, imported by name on first use (they import this module to register:
+# naming them here instead of importing them keeps the import graph one-way).
+_BUILTIN_MODULES = ("eval.evaluators.zeroshot", "eval.evaluators.retrieval", "eval.evaluators.linear_probe",
+                    "eval.evaluators.mlp_probe")
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
 
 
 def register(name: str, options: type, *, needs_labels: bool = False,
@@ -41,8 +51,7 @@ def register(name: str, options: type, *, needs_labels: bool = False,
 
 def get(name: str) -> Evaluator:
     """The evaluator called ``name``; a clear error lists the known ones."""
-    import eval.evaluators  # noqa: F401  (registers the built-in evaluators)
-
+    _load_builtins()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown evaluator {name!r}; known: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
@@ -55,6 +64,5 @@ def parse_options(name: str, options: dict[str, Any] | None) -> Any:
 
 def names() -> list[str]:
     """All registered evaluator names."""
-    import eval.evaluators  # noqa: F401
-
+    _load_builtins()
     return sorted(_REGISTRY)

@@ -24,9 +24,9 @@ from benchmarks.openclip_ref import ensure_env
 from benchmarks.openclip_train import parse_log
 from benchmarks.procstats import peak_rss_bytes, reset_peak_rss, tree_cpu_seconds
 from benchmarks.report import format_table
-from train.augment import build_train_transform
-from train.config import AugmentConfig
-from train.samples import decode_sample, decode_sample_into
+from train.data.augment import build_train_transform
+from train.core.config import AugmentConfig
+from train.data.decode import decode_sample, decode_sample_into
 
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 
@@ -141,7 +141,7 @@ def test_reduced_scale_jpeg_decode_matches_full_decode():
     # The same crop from a full decode (no draft): same geometry, close pixels.
     full = Image.open(io.BytesIO(raw["jpg"]))
     full.load()
-    from train.seeding import stable_seed
+    from train.core.rng import stable_seed
 
     slow = t.normalize_into(t.augment(full, t.plan(full.size, stable_seed("augment", 11))), torch.empty(3, 32, 32))
     assert caption == "a caption"

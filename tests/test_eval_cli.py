@@ -15,7 +15,7 @@ from eval.loaders import DataUnavailable, load_split
 
 @pytest.fixture(scope="module")
 def micro():
-    from train.model import load_model
+    from train.model.factory import load_model
 
     torch.manual_seed(0)
     return load_model("orbit-micro")

@@ -14,7 +14,7 @@ from eval.features import FeatureExtractor
 from eval.loaders import DataUnavailable, load_split
 from eval.runner import run_benchmark
 from tests.test_eval_toys import NUM_CLASSES, ToyBundle, write_benchmark, write_shards
-from train.configbase import ConfigError
+from train.core.configbase import ConfigError
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from launch.slurm import parse_time_minutes
 from launch.status import format_status, run_status
 from launch.sweep import expand, resolve_runs, split_values
 from launch.task import TrainTask, job_dist_env, port_for_job
-from train.configbase import ConfigError
+from train.core.configbase import ConfigError
 
 FAKE_SLURM = Path(__file__).parent / "fake_slurm"
 sys.path.insert(0, str(FAKE_SLURM))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import curves, recipes, story
-from train.config import load_config
+from train.core.config import load_config
 from train.trainer import RunResult, run
 
 ROOT = Path(__file__).resolve().parents[1]

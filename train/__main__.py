@@ -1,8 +1,8 @@
-"""``python -m train --config configs/X.yaml [section.key=value ...]``."""
+"""``python -m train``: see :mod:`train.cli`."""
 
 import sys
 
-from train.trainer import main
+from train.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

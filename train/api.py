@@ -12,10 +12,13 @@ from typing import Any
 
 import torch
 
-from train.compat import ensure_torchvision
-from train.config import Config, load_config
-from train.configbase import ConfigError, from_dict, read_yaml, to_dict
-from train.distenv import DistEnv, dist_env_from
+from train.core.collectives import Comm, PeerError
+from train.core.compat import ensure_torchvision
+from train.core.config import Config, load_config
+from train.core.configbase import ConfigError, from_dict, read_yaml, to_dict
+from train.core.distenv import DistEnv, dist_env_from
+from train.core.errors import UserError
+from train.core.rundir import CheckpointDir, RunDir
 
 
 def load_model(spec: str, device: str | torch.device = "cpu") -> Any:
@@ -33,6 +36,6 @@ def save_local_dir(bundle: Any, folder: str | Path) -> Path:
 
 
 __all__ = [
-    "Config", "ConfigError", "DistEnv", "dist_env_from", "ensure_torchvision", "from_dict", "load_config",
-    "load_model", "read_yaml", "save_local_dir", "to_dict",
+    "CheckpointDir", "Comm", "Config", "ConfigError", "DistEnv", "PeerError", "RunDir", "UserError", "dist_env_from",
+    "ensure_torchvision", "from_dict", "load_config", "load_model", "read_yaml", "save_local_dir", "to_dict",
 ]

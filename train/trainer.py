@@ -1,44 +1,44 @@
-"""The thin trainer: wires model, data, optimizer, engine, checkpoints and metrics.
+"""The thin trainer: wires model, data, optimizer, engine, checkpoints, metrics and evaluation.
 
-``python -m train --config configs/X.yaml [section.key=value ...]`` runs the same
-way as a plain process, under ``torchrun`` and under SLURM/submitit: rank and world
-come from :func:`train.distenv.dist_env_from`. Everything with a policy lives in
-its own module (``optim``, ``schedule``, ``checkpoint``, ``metrics``, ``signals``,
-``engine``); this file only decides the order.
+``python -m train`` (:mod:`train.cli`), ``torchrun`` and SLURM/submitit (``launch``, whose
+job pickles name ``train.trainer:run``) all end in :func:`run`. Everything with a policy
+lives in its own package (``data``, ``model``, ``objective``, ``optim``, ``engines``,
+``loop``); this file only decides the order.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import math
 import os
-import random
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from train.checkpoint import CheckpointManager, gather_objects, rng_state, set_rng_state, step_dir_name
-from train.config import Config, load_config, save_config
-from train.configbase import ConfigError, to_dict
-from train.distenv import DistEnv, dist_env_from
-from train.metrics import MetricLogger, NonFiniteLossError
-from train.optim import build_optimizer
-from train.schedule import build_scheduler
-from train.seeding import stable_seed
-from train.signals import StopFlag
+from train.core import collectives
+from train.core.collectives import Comm
+from train.core.config import Config, save_config
+from train.core.configbase import ConfigError, to_dict
+from train.core.distenv import DistEnv, dist_env_from
+from train.core.files import write_text_durable
+from train.core.rng import capture_process, restore_process, seed_everything, stable_seed
+from train.core.rundir import CheckpointDir, RunDir
+from train.data import build_train_loader
+from train.engines import EngineParts, build_engine
+from train.loop.checkpoint import CheckpointManager
+from train.loop.metrics import MetricLogger
+from train.loop.pictures import batch_grid, png_images
+from train.loop.signals import StopFlag
+from train.model import build_model, save_model_config
+from train.model.compile import compile_towers
+from train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("train")
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-FINAL_MODEL = "model.pt"
 
 
 @dataclass
@@ -55,7 +55,7 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available")
+        raise ConfigError("train.device=cuda but CUDA is not available on this machine")
     device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
     return device
@@ -76,115 +76,115 @@ def total_steps_for(cfg: Config, steps_per_epoch: int | None) -> int:
 
 
 @contextlib.contextmanager
-def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
-    """Init the process group (nccl on CUDA, gloo on CPU) for world > 1; destroy it after.
+def process_group(env: DistEnv, device: torch.device) -> Iterator[Comm]:
+    """Init the process group (nccl on CUDA, gloo on CPU) for world > 1; yields the job's
+    :class:`Comm` (installed as the process's), and destroys the group after.
 
     A group the caller already initialized is used as is and left alone.
     """
-    if not env.distributed or dist.is_initialized():
-        if dist.is_initialized() and dist.get_world_size() != env.world_size:
-            raise RuntimeError(f"process group has {dist.get_world_size()} ranks, DistEnv says {env.world_size}")
-        yield
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=env.init_method, rank=env.rank, world_size=env.world_size)
+    owned = env.distributed and not dist.is_initialized()
+    if owned:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=env.init_method, rank=env.rank, world_size=env.world_size)
     try:
-        yield
+        yield collectives.install(Comm(env, device))
     finally:
-        dist.destroy_process_group()
-
-
-def seed_everything(seed: int) -> None:
-    """Same seed on every rank (identical model init) for python, numpy and torch."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+        collectives.install(None)
+        if owned:
+            dist.destroy_process_group()
 
 
 class Trainer:
     """One training run; build with the resolved config, then call :meth:`fit`."""
 
-    def __init__(self, cfg: Config, env: DistEnv, device: torch.device):
-        from train.data import build_train_loader
-        from train.engine import build_engine
-        from train.model import build_model
-
+    def __init__(self, cfg: Config, env: DistEnv, device: torch.device, comm: Comm):
         if cfg.train.checkpoint_every < 1 or cfg.eval.every < 0:
             raise ConfigError("train.checkpoint_every must be >= 1 and eval.every >= 0")
-        self.cfg, self.env, self.device = cfg, env, device
-        self.run_dir = cfg.run.dir
+        self.cfg, self.env, self.device, self.comm = cfg, env, device, comm
+        self.run = RunDir(cfg.run.dir)
         if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            self.run.path.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run.config)
         seed_everything(cfg.train.seed)
         self.bundle = build_model(cfg.model)
         model = self.bundle.model.to(device)
-        self.loader = build_train_loader(
-            cfg, env, self.bundle.tokenizer, self.bundle.image_size, self.bundle.mean, self.bundle.std
-        )
+        if cfg.train.compile:
+            compile_towers(model)
+        b = self.bundle
+        self.loader = build_train_loader(cfg.data, cfg.train.seed, env, b.tokenizer, b.image_size, b.mean, b.std)
         self.total_steps = total_steps_for(cfg, getattr(self.loader, "steps_per_epoch", None))
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
-        self.engine = build_engine(cfg, model, optimizer, scheduler, env, device)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_checkpoints, env)
+        parts = EngineParts.from_config(cfg, model, optimizer, scheduler, env, device, comm)
+        self.engine = build_engine(cfg.train.engine, parts)
+        self.checkpoints = CheckpointManager(self.run, cfg.train.keep_checkpoints, comm)
         self.step, self.saved_step = 0, -1
         rng = self._restore(self.checkpoints.resolve(cfg.train.resume))
-        # Iterating starts loader workers, which draws from the torch RNG: do it before the
-        # RNG is restored, so a resumed run continues the uninterrupted run's streams.
         self._batches = iter(self.loader)
         if rng is not None:
-            set_rng_state(rng)
+            restore_process(rng)
         else:
             # Per-rank streams (patch dropout, ...) that still derive from the one seed.
             torch.manual_seed(stable_seed("train", cfg.train.seed, env.rank))
+        max_bad = cfg.train.max_nonfinite_steps if getattr(self.engine, "skip_on_device", False) else 1
         self.metrics = MetricLogger(
-            self.run_dir, env, device, self.total_steps, start_step=self.step,
-            log_every=cfg.train.log_every, global_batch=cfg.data.batch_size * env.world_size,
-            progress=cfg.train.progress, check_finite=cfg.train.detect_anomaly_keys,
+            self.run, comm, device, self.total_steps, start_step=self.step, log_every=cfg.train.log_every,
+            global_batch=cfg.data.batch_size * env.world_size, progress=cfg.train.progress,
+            max_nonfinite=max_bad if cfg.train.detect_anomaly_keys else 0,
         )
+        self.agreed: dict[str, bool] = {}
         if self.step == 0:
             self.metrics.log_hparams(cfg)
 
-    def _restore(self, ckpt: Path | None) -> dict[str, Any] | None:
+    def _restore(self, ckpt: CheckpointDir | None) -> dict[str, Any] | None:
         """Load a checkpoint; returns this rank's RNG state to set once the loop is ready."""
         if ckpt is None:
             return None
-        extra = self.engine.load_checkpoint(ckpt)
+        extra = self.engine.load_checkpoint(ckpt.path)
         if extra.get("world_size") != self.env.world_size:
-            raise RuntimeError(
-                f"{ckpt} was written by {extra.get('world_size')} ranks, this job has {self.env.world_size}: "
-                "exact resume needs the same world size (RNG and data position are per rank)"
+            raise ConfigError(
+                f"{ckpt.path} was written by {extra.get('world_size')} ranks, this job has {self.env.world_size}: "
+                "exact resume needs the same world size (RNG and data position are per rank); "
+                "start a new run from its weights with model.pretrained=" + str(ckpt.model)
             )
         self.step = self.saved_step = int(extra["step"])
         self.loader.load_state_dict(extra["data"][self.env.rank])
-        log.info("resumed from %s at step %d", ckpt, self.step)
+        log.info("resumed from %s at step %d", ckpt.path, self.step)
         return extra["rng"][self.env.rank]
 
-    def _next_batch(self) -> Any:
+    def _next_batch(self) -> tuple[Any, float]:
+        before = self.loader.wait_seconds
         try:
-            return next(self._batches)
+            batch = next(self._batches)
         except StopIteration:  # the contract says infinite (epochs roll over inside the loader)
             raise RuntimeError(f"the data loader ended at step {self.step}; it must be infinite") from None
+        return batch, self.loader.wait_seconds - before
 
-    def train_step(self) -> None:
-        """The loop body: batch (timed) -> engine step -> metrics -> maybe checkpoint/eval."""
-        t0 = time.perf_counter()
-        batch = self._next_batch()
-        wait = time.perf_counter() - t0
+    def train_step(self, stop: StopFlag) -> None:
+        """The loop body: batch -> engine step -> metrics -> maybe checkpoint/eval."""
+        batch, wait = self._next_batch()
+        if self.step == 0:
+            self.metrics.log_image("train/samples", batch_grid(batch.images, self.bundle.mean, self.bundle.std), 0)
         outputs = self.engine.step(batch)
         self.step += 1
-        self.metrics.record(self.step, outputs, batch.keys, wait, self.engine.optimizer.param_groups[0]["lr"])
+        self.metrics.record(self.step, outputs, batch.keys, wait)
+        if self.metrics.due(self.step):
+            self.agreed = self.metrics.flush({"stop": stop.requested})
         if self.step % self.cfg.train.checkpoint_every == 0:
             self.save()
         if self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
             self.evaluate()
 
+    def _should_stop(self, stop: StopFlag) -> bool:
+        # Alone: after any step. With peers: at the log step where the flush agreed on it.
+        return stop.requested if self.comm.world == 1 else self.agreed.pop("stop", False)
+
     def fit(self, stop: StopFlag) -> RunResult:
         """Train to the end or until a stop is requested; always leaves a checkpoint."""
         status: Literal["finished", "preempted"] = "finished"
         while self.step < self.total_steps:
-            self.train_step()
-            if self.step < self.total_steps and stop.should_stop():
+            self.train_step(stop)
+            if self.step < self.total_steps and self._should_stop(stop):
                 status = "preempted"
                 log.warning("stop requested (%s): checkpointing at step %d", stop.signal_name or "request", self.step)
                 break
@@ -195,15 +195,14 @@ class Trainer:
             self._write_final_model()
         if self.loader.stats:
             log.info("data loader counters: %s", self.loader.stats)
-        return RunResult(status, self.step, self.run_dir)
+        return RunResult(status, self.step, self.run.path)
 
     def save(self) -> None:
         """Checkpoint the current step (collective), unless it is already saved."""
         if self.saved_step == self.step:
             return
-        self.metrics.flush()  # the NaN check runs before a checkpoint can capture bad weights
-        state = {"rng": rng_state(), "data": self.loader.state_dict()}
-        per_rank = gather_objects(state, self.env)
+        self.metrics.flush()  # the non-finite check runs before a checkpoint can capture bad weights
+        per_rank = self.comm.all_gather_object({"rng": capture_process(), "data": self.loader.state_dict()})
         extra = {
             "step": self.step,
             "epoch": self.loader.epoch,
@@ -212,43 +211,55 @@ class Trainer:
             "data": [s["data"] for s in per_rank],
             "config": to_dict(self.cfg),
         }
-        path = self.checkpoints.save(self.engine, self.step, extra)
+        ckpt = self.checkpoints.save(self.engine, self.step, extra)
         self.saved_step = self.step
-        log.info("checkpoint %s", path)
+        log.info("checkpoint %s", ckpt.path)
 
     def evaluate(self) -> None:
-        """Zero-shot/retrieval through the eval harness on rank 0; other ranks wait.
+        """Zero-shot/retrieval through the eval harness, on every rank.
 
-        Every rank enters ``engine.full_model()`` because gathering ZeRO-3 shards is
-        collective; only rank 0 evaluates.
+        Every rank embeds its share of each benchmark's images (the Comm gathers them), so
+        evaluation is faster with more ranks and no rank idles in a barrier; a failure on
+        any rank ends every rank with that error (:meth:`Comm.agreement`).
         """
         if not self.cfg.eval.benchmarks:
             return
-        with self.engine.full_model() as model:
-            if self.env.is_main:
-                from eval.api import evaluate
+        import inspect
 
-                model.eval()
-                try:
-                    with torch.no_grad():
-                        results = {n: float(v) for n, v in evaluate(self.bundle, self.cfg.eval.benchmarks, self.device)}
-                finally:
-                    model.train()
+        from eval.api import evaluate
+
+        out_dir = self.run.eval_files(self.step)
+        kwargs: dict[str, Any] = {"out_dir": out_dir, "batch_size": self.cfg.eval.batch_size}
+        shared = "partition" in inspect.signature(evaluate).parameters  # TODO(merge evalx): always
+        if shared:
+            kwargs.update(partition=self.comm, write_files=self.env.is_main)
+        with self.engine.full_model() as model, self.comm.agreement(f"evaluation at step {self.step}"):
+            model.eval()
+            try:
+                with torch.no_grad():
+                    results = {n: float(v) for n, v in evaluate(
+                        self.bundle, self.cfg.eval.benchmarks, self.device, **kwargs)} \
+                        if shared or self.env.is_main else {}
+            finally:
+                model.train()
+            if self.env.is_main:
                 self.metrics.log_eval(self.step, results)
-                out = self.run_dir / "eval" / f"{step_dir_name(self.step)}.json"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps({"step": self.step, "results": results}, indent=2))
-            if self.env.distributed:
-                dist.barrier()
+                for tag, image in png_images(out_dir):
+                    self.metrics.log_image(f"eval/{tag}", image, self.step)
+                self.run.eval_dir.mkdir(parents=True, exist_ok=True)
+                write_text_durable(self.run.eval_result(self.step),
+                                   json.dumps({"step": self.step, "results": results}, indent=2))
 
     def _write_final_model(self) -> None:
-        """``run_dir/model.pt``: the plain open_clip state_dict (CPU tensors), written atomically."""
+        """``model.pt`` (plain open_clip state_dict, CPU tensors) and ``open_clip_config.json``
+        next to it, so that the run folder loads as ``local-dir:`` in open_clip too."""
         state = self.engine.consolidated_state_dict()  # collective under ZeRO
         if not self.env.is_main:
             return
-        tmp = self.run_dir / f".{FINAL_MODEL}.tmp"
+        tmp = self.run.path / f".{self.run.final_model.name}.tmp"
         torch.save(state, tmp)
-        os.replace(tmp, self.run_dir / FINAL_MODEL)
+        os.replace(tmp, self.run.final_model)
+        save_model_config(self.bundle, self.run.path)
 
     def close(self) -> None:
         """Release the progress bar and TensorBoard writer."""
@@ -259,47 +270,11 @@ def run(cfg: Config, env: DistEnv | None = None) -> RunResult:
     """Train ``cfg`` in this process (one rank of ``env``; from the environment when None)."""
     env = env or dist_env_from(os.environ)
     device = resolve_device(cfg.train.device, env)
-    with process_group(env, device), StopFlag(env, device) as stop:
-        trainer = Trainer(cfg, env, device)
+    with process_group(env, device) as comm, StopFlag() as stop:
+        trainer = Trainer(cfg, env, device, comm)
         try:
             result = trainer.fit(stop)
         finally:
             trainer.close()
     log.info("%s at step %d: %s", result.status, result.step, result.run_dir)
     return result
-
-
-def _setup_logging(env: DistEnv) -> None:
-    # Our progress lines on rank 0 only; libraries (open_clip logs to the root logger) at WARNING.
-    logging.basicConfig(
-        level=logging.WARNING, format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(message)s", stream=sys.stderr
-    )
-    log.setLevel(logging.INFO if env.is_main else logging.WARNING)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry: ``--config FILE`` (default configs/demo.yaml) plus ``section.key=value`` overrides.
-
-    Returns:
-        0 when finished or preempted (resume with ``train.resume=auto``), 1 on a NaN/inf
-        loss, 2 on a config error.
-    """
-    parser = argparse.ArgumentParser(prog="python -m train", description="Train a CLIP model (see configs/).")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 train.steps=100")
-    args = parser.parse_args(argv)
-    env = dist_env_from(os.environ)
-    _setup_logging(env)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = run(cfg, env)
-    except NonFiniteLossError as e:
-        log.error("%s", e)
-        return 1
-    if env.is_main:  # one machine-readable result line per job
-        print(json.dumps({"status": result.status, "step": result.step, "run_dir": str(result.run_dir)}), flush=True)
-    return 0

@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 
 from eval import metrics
-from train.configbase import ConfigError
+from train.api import ConfigError
 from eval.context import EvalContext, EvalError
 from eval.prompts import zeroshot_weights
 from eval.registry import Metric, register

@@ -1,0 +1,73 @@
+"""``python -m train``: train from a config.
+
+    python -m train --config configs/demo.yaml optim.lr=5e-4 train.steps=1000
+    python -m train --config demo                      # a shipped config by name
+
+User errors (a config typo, missing shards, an unreadable model file, a checkpoint from
+another world size, ...) print one line and exit with status 2; a run stopped by non-finite
+steps or a failure on another rank exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import configs
+from train.core.collectives import PeerError
+from train.core.config import load_config
+from train.core.distenv import DistEnv, dist_env_from
+from train.core.errors import UserError
+from train.loop.metrics import NonFiniteLossError
+
+log = logging.getLogger("train")
+DEFAULT_CONFIG = "demo"
+
+
+def _setup_logging(env: DistEnv) -> None:
+    # Our progress lines on rank 0 only; libraries (open_clip logs to the root logger) at WARNING.
+    logging.basicConfig(
+        level=logging.WARNING, format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(message)s", stream=sys.stderr
+    )
+    log.setLevel(logging.INFO if env.is_main else logging.WARNING)
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train", description="Train a CLIP model (configs/*.yaml).",
+        epilog="example: python -m train --config configs/demo.yaml optim.lr=5e-4 train.steps=1000",
+    )
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="YAML file, or a shipped config by name (demo, recipes/eurosat_scratch_cpu); default: demo")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 train.steps=100")
+    return p
+
+
+def train_main(argv: list[str]) -> int:
+    """Train; returns the exit code."""
+    from train.trainer import run
+
+    args = _train_parser().parse_args(argv)
+    env = dist_env_from(os.environ)
+    _setup_logging(env)
+    try:
+        cfg = load_config(configs.run_config(args.config), args.overrides)
+        result = run(cfg, env)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, PeerError) as e:
+        log.error("%s", e)
+        return 1
+    if env.is_main:  # one machine-readable result line per job
+        print(json.dumps({"status": result.status, "step": result.step, "run_dir": str(result.run_dir)}), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m train``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return train_main(argv)

@@ -1,0 +1,49 @@
+"""Training data: shard streaming or synthetic scenes -> augmented, tokenized :class:`Batch` es.
+
+Two loaders implement :class:`TrainLoader`: webdataset shards (:mod:`train.data.shards`) and a
+deterministic in-memory synthetic set (:mod:`train.data.synthetic_loader`). Both are infinite
+(epochs roll over by themselves) and resume exactly from ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from train.core.config import DataConfig
+from train.core.distenv import DistEnv
+from train.data.augment import build_train_transform
+from train.data.batch import Batch, CachedTokenizer, Tokenizer, TrainLoader
+
+
+def build_train_loader(
+    data: DataConfig,
+    seed: int,
+    env: DistEnv,
+    tokenizer: Tokenizer,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> TrainLoader:
+    """The training loader for this rank, as ``data`` describes.
+
+    Args:
+        data: the ``data`` config section.
+        seed: the run's seed (``train.seed``); every sample's randomness derives from it.
+        env: this process's rank and world size.
+        tokenizer: callable ``list[str] -> LongTensor[N, ctx]``, run in the workers.
+        image_size: model input size.
+        mean: normalization mean of the model.
+        std: normalization std of the model.
+    """
+    transform = build_train_transform(data.augment, image_size, mean, std)
+    tokenizer = CachedTokenizer(tokenizer)
+    if data.source == "synthetic":
+        from train.data.synthetic_loader import SyntheticTrainLoader
+
+        return SyntheticTrainLoader(data, seed, env, tokenizer, transform)
+    from train.data.shards.loader import ShardTrainLoader
+
+    return ShardTrainLoader(data, seed, env, tokenizer, transform)
+
+
+__all__ = ["Batch", "Tokenizer", "TrainLoader", "build_train_loader"]

@@ -1,0 +1,103 @@
+"""Deterministic in-memory training source (``data.source: synthetic``).
+
+Global sample ``i`` is ``shards.synthetic.render_scene(i % synthetic_samples,
+seed=train.seed, size=synthetic_image_size)``, its caption drawn from (seed, i) and,
+with augmentation on, its augmentation seeded from (seed, i). The global batch of step
+``t`` is samples ``[t*G, (t+1)*G)`` with ``G = batch_size x world``; rank ``r`` takes
+``[t*G + r*B, t*G + (r+1)*B)``. So a sample never depends on how the batch is cut,
+which is what the distributed-equivalence tests rely on. Position = next step.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import torch
+
+from train.data.augment import Transform, apply_seeded
+from train.core.config import DataConfig
+from train.core.configbase import ConfigError
+from train.data.batch import Batch, Tokenizer, TrainLoader
+from train.core.distenv import DistEnv
+from train.core.rng import stable_seed
+
+
+def _render_scene():
+    # Imported lazily: the shards package is optional for everything else in train.
+    from shards.synthetic import render_scene
+
+    return render_scene
+
+
+class SyntheticTrainLoader(TrainLoader):
+    """Fixed-function batches from procedurally rendered scenes, cached in memory."""
+
+    def __init__(self, data: DataConfig, seed: int, env: DistEnv, tokenizer: Tokenizer, transform: Transform) -> None:
+        super().__init__()
+        d = data
+        self.n = d.synthetic_samples
+        self.render_size = d.synthetic_image_size
+        self.seed = seed
+        self.batch_size, self.rank, self.world = d.batch_size, env.rank, env.world_size
+        self.global_batch = self.batch_size * self.world
+        self.samples_per_epoch = self.n
+        self.steps_per_epoch = self.n // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"data.synthetic_samples={self.n} is smaller than one global batch ({self.global_batch})")
+        self.augment = d.augment.enabled
+        self.caption_mode = d.caption_sampling
+        self.tokenizer, self.transform = tokenizer, transform
+        self._render = _render_scene()
+        self._scenes: dict[int, tuple[object, list[str], torch.Tensor | None]] = {}
+        self._tokens: dict[str, torch.Tensor] = {}
+        self.step = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.step = epoch * self.steps_per_epoch
+
+    def state_dict(self) -> dict:
+        return {"kind": "synthetic", "step": self.step, "n": self.n, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "synthetic" or (state["n"], state["seed"]) != (self.n, self.seed):
+            raise ValueError(f"not a state of this synthetic source (n={self.n}, seed={self.seed}): {state}")
+        self.step = int(state["step"])
+
+    def _scene(self, base: int) -> tuple[object, list[str], torch.Tensor | None]:
+        if base not in self._scenes:
+            s = self._render(base, seed=self.seed, size=self.render_size)
+            fixed = None if self.augment else apply_seeded(self.transform, s.image, 0)
+            self._scenes[base] = (s.image, list(s.captions), fixed)
+        return self._scenes[base]
+
+    def sample(self, i: int) -> tuple[torch.Tensor, str]:
+        """Image tensor and caption of global sample ``i``."""
+        image, captions, fixed = self._scene(i % self.n)
+        if self.caption_mode == "first":
+            caption = captions[0]
+        else:
+            caption = captions[random.Random(stable_seed("synthetic-caption", self.seed, i)).randrange(len(captions))]
+        if fixed is None:
+            fixed = apply_seeded(self.transform, image, stable_seed("synthetic-augment", self.seed, i))
+        return fixed, caption
+
+    def _tokens_of(self, caption: str) -> torch.Tensor:
+        if caption not in self._tokens:
+            self._tokens[caption] = self.tokenizer([caption])[0]
+        return self._tokens[caption]
+
+    def _batches(self) -> Iterator[Batch]:
+        while True:
+            first = self.step * self.global_batch + self.rank * self.batch_size
+            idx = range(first, first + self.batch_size)
+            images, captions = zip(*(self.sample(i) for i in idx))
+            batch = Batch(
+                torch.stack(images), torch.stack([self._tokens_of(c) for c in captions]), [f"syn-{i}" for i in idx]
+            )
+            self.step += 1
+            yield batch

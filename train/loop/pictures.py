@@ -1,0 +1,35 @@
+"""Pictures for TensorBoard: a grid of training samples as the model sees them, and the PNGs
+evaluators wrote (confusion matrices, retrieval examples)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+def batch_grid(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], max_images: int = 64) -> np.ndarray:
+    """HWC uint8 grid of the first ``max_images`` normalized ``[B, 3, H, W]`` images, un-normalized."""
+    x = images[:max_images].detach().float().cpu()
+    x = x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    n, _, h, w = x.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = torch.ones(3, rows * (h + 2), cols * (w + 2))
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[:, r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = x[i]
+    return (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def png_images(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """``(tag, HWC uint8 RGB)`` for every PNG under ``folder``; the tag is its relative path."""
+    from PIL import Image
+
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.rglob("*.png")):
+        with Image.open(path) as im:
+            yield path.relative_to(folder).with_suffix("").as_posix(), np.asarray(im.convert("RGB"))
