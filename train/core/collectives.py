@@ -62,7 +62,7 @@ class Comm:
             raise RuntimeError(f"process group has {dist.get_world_size()} ranks, DistEnv says {env.world_size}")
         backend = dist.get_backend() if self.active else None
         self.device = comm_device_for(backend, self.compute) if self.active else self.compute
-        self._agreement_depth = 0
+        self._agreements: list[str] = []
 
     @property
     def rank(self) -> int:
@@ -179,16 +179,17 @@ class Comm:
         if not self.active:
             yield
             return
-        self._agreement_depth += 1
+        self._agreements.append(what)
         try:
             yield
         except PeerError:
+            self._agreements.pop()
             raise
         except BaseException as e:  # noqa: BLE001 - re-raised on every rank below
-            self._agreement_depth -= 1
+            self._agreements.pop()
             self._fail(what, e)
         else:
-            self._agreement_depth -= 1
+            self._agreements.pop()
             self._check_peers(what)
 
     def _status(self, failed: bool) -> bool:
@@ -197,9 +198,11 @@ class Comm:
         dist.all_reduce(buf, op=dist.ReduceOp.MAX)
         return float(buf.item()) > 0
 
-    def _check_peers(self, what: str = "a collective") -> None:
-        if self._agreement_depth and self._status(False):
-            self._raise_with_messages(what, None)
+    def _check_peers(self, what: str | None = None) -> None:
+        if what is None and not self._agreements:
+            return
+        if self._status(False):
+            self._raise_with_messages(what or self._agreements[-1], None)
 
     def _fail(self, what: str, error: BaseException) -> None:
         self._status(True)
