@@ -4,7 +4,7 @@
 :func:`eval.api.evaluate`. Benchmarks are YAML files in configs/benchmarks.
 """
 
-import train.compat
+from train.api import ensure_torchvision
 
 # open_clip / torchvision may be imported below us (model loading); see DESIGN.md
-train.compat.ensure_torchvision()
+ensure_torchvision()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from train.configbase import ConfigError, from_dict, read_yaml
+from train.api import ConfigError, from_dict, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK_DIR = REPO_ROOT / "configs" / "benchmarks"

@@ -16,7 +16,7 @@ from eval.features import FeatureExtractor
 
 from eval.report import markdown_table, write_results
 from eval.runner import run_benchmark
-from train.configbase import ConfigError
+from train.api import ConfigError
 
 
 class _ModelAction(argparse.Action):
@@ -58,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     overrides = {"max_samples": args.max_samples} if args.max_samples else None
     specs: list[BenchmarkSpec] = [load_benchmark(b, overrides) for b in args.benchmark]
-    from train.model import load_model  # heavy (open_clip): only once the arguments are valid
+    from train.api import load_model  # heavy (open_clip) on first call: only once the arguments are valid
 
     start = time.perf_counter()
     rows, failed = [], False

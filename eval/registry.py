@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from train.configbase import ConfigError, from_dict
+from train.api import ConfigError, from_dict
 
 Metric = tuple[str, float]
 

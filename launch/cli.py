@@ -11,7 +11,7 @@ import yaml
 from launch import local, slurm
 from launch.status import format_status, run_status
 from launch.sweep import RunSet, resolve_runs
-from train.configbase import ConfigError, to_dict
+from train.api import ConfigError, to_dict
 
 EPILOG = "Config overrides are section.key=value words anywhere after the subcommand (e.g. optim.lr=1e-4)."
 

@@ -21,7 +21,7 @@ from launch import preempt
 from launch.jobs import add_record
 from launch.slurm import parse_time_minutes
 from launch.task import DEFAULT_TARGET, TrainTask
-from train.config import Config
+from train.api import Config
 
 NO_LIMIT_MIN = 60 * 24 * 365
 """LocalExecutor always has a time limit (2 min by default); "none" means a year."""

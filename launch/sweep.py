@@ -7,8 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.config import Config, load_config
-from train.configbase import ConfigError
+from train.api import Config, ConfigError, load_config
 
 
 @dataclass(frozen=True)

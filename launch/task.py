@@ -35,8 +35,7 @@ from typing import Any, Callable
 import submitit
 from submitit.core.job_environment import SignalHandler
 
-from train.config import Config
-from train.distenv import DistEnv, dist_env_from
+from train.api import Config, DistEnv, dist_env_from
 
 log = logging.getLogger(__name__)
 

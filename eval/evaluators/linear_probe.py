@@ -18,7 +18,7 @@ from eval import metrics
 from eval.context import EvalContext
 from eval.evaluators.probe_data import holdout, probe_features
 from eval.registry import Metric, register
-from train.configbase import ConfigError
+from train.api import ConfigError
 
 
 @dataclass

@@ -12,7 +12,7 @@ from eval import metrics
 from eval.context import EvalContext
 from eval.evaluators.probe_data import probe_features
 from eval.registry import Metric, register
-from train.configbase import ConfigError
+from train.api import ConfigError
 
 
 @dataclass

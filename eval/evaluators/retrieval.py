@@ -19,7 +19,7 @@ import torch
 from eval import metrics
 from eval.context import EvalContext, EvalError
 from eval.registry import Metric, register
-from train.configbase import ConfigError
+from train.api import ConfigError
 
 
 @dataclass

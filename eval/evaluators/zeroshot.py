@@ -10,10 +10,10 @@ from typing import Iterator
 import torch
 
 from eval import metrics
-from train.configbase import ConfigError
 from eval.context import EvalContext, EvalError
 from eval.prompts import zeroshot_weights
 from eval.registry import Metric, register
+from train.api import ConfigError
 
 
 @dataclass
