@@ -11,6 +11,7 @@ import torch
 
 from eval import metrics
 from eval.context import EvalContext, EvalError
+from eval.figures import confusion_png
 from eval.prompts import zeroshot_weights
 from eval.registry import Metric, register
 from train.api import ConfigError
@@ -49,29 +50,14 @@ def zeroshot(ctx: EvalContext, opts: ZeroShotOptions) -> Iterator[Metric]:
     yield "weighted_f1", metrics.weighted_f1(cm)
     yield "n_samples", float(len(idx))
     if opts.confusion and ctx.out_dir is not None:
-        write_confusion(cm, ds.classnames, Path(ctx.out_dir), title=ctx.spec.name)
+        write_confusion(cm, ds.classnames, Path(ctx.out_dir))
+        confusion_png(cm, ds.classnames, ctx.figure_path("confusion"), title=f"{ctx.spec.name} zero-shot confusion")
 
 
-def write_confusion(cm: torch.Tensor, classnames: list[str], out_dir: Path, title: str) -> None:
-    """confusion.json (rows = true class) and a confusion.png heat map (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers; must precede pyplot
-    import matplotlib.pyplot as plt
-
+def write_confusion(cm: torch.Tensor, classnames: list[str], out_dir: Path) -> Path:
+    """confusion.json: the matrix (rows = true class) with its class names."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "confusion.json").write_text(json.dumps(
-        {"classnames": classnames, "rows": "true class", "columns": "predicted class",
-         "matrix": cm.tolist()}, indent=1))
-    n = len(classnames)
-    size = max(4.0, 0.35 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm.numpy(), cmap="Blues")
-    ax.set_xticks(range(n), labels=classnames, rotation=90, fontsize=7)
-    ax.set_yticks(range(n), labels=classnames, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"{title} zero-shot confusion")
-    fig.tight_layout()
-    fig.savefig(out_dir / "confusion.png", dpi=100)
-    plt.close(fig)
+    path = out_dir / "confusion.json"
+    path.write_text(json.dumps({"classnames": classnames, "rows": "true class", "columns": "predicted class",
+                                "matrix": cm.tolist()}, indent=1))
+    return path
