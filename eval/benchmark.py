@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from train.api import ConfigError, from_dict, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +140,24 @@ def benchmark_path(name_or_file: str) -> Path:
     return p
 
 
+def _read_benchmark_yaml(path: Path) -> dict[str, Any]:
+    """``read_yaml``, with unreadable text reported as a ConfigError naming the file.
+
+    ``train.api.read_yaml`` lets YAML syntax errors and non-UTF-8 bytes through as
+    yaml/codec exceptions; a benchmark file is user input, so they become one clear line.
+    It follows ``base:`` chains without saying which file failed, hence the wording.
+    """
+    where = f"{path} (or a base: file it names)"
+    try:
+        return read_yaml(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}{at}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+
+
 def load_benchmark(name_or_file: str, overrides: dict[str, Any] | None = None) -> BenchmarkSpec:
     """Load and validate a benchmark by name (configs/benchmarks) or YAML path.
 
@@ -146,7 +166,7 @@ def load_benchmark(name_or_file: str, overrides: dict[str, Any] | None = None) -
         overrides: top-level keys merged into ``data`` (e.g. ``{"max_samples": 50}``).
     """
     path = benchmark_path(name_or_file)
-    raw = read_yaml(path)
+    raw = _read_benchmark_yaml(path)
     raw.setdefault("name", path.stem)
     if overrides:
         raw["data"] = {**(raw.get("data") or {}), **overrides}
