@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from train.api import Config, ConfigError, load_config
 
 
@@ -112,18 +114,44 @@ class RunSet:
         return len(self.configs) > 1
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
+
+
+def _load(config: str | None, overrides: list[str]) -> Config:
+    """``load_config`` with unreadable YAML reported as a ConfigError naming the override or file.
+
+    ``train.api.load_config`` lets YAML syntax errors and non-UTF-8 bytes through as
+    yaml/codec exceptions; these are user input, so they become one clear line.
+    """
+    for text in overrides:  # checked first, so that a YAMLError below comes from the files
+        try:
+            yaml.safe_load(text.partition("=")[2])
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {text!r}: invalid YAML value: {_yaml_problem(e)}") from None
+    try:
+        return load_config(config, overrides)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{config} (or a base: file it names): invalid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{config} (or a base: file it names): not a UTF-8 text file "
+                          f"({e.reason} at byte {e.start})") from None
+
+
 def resolve_runs(config: str | None, overrides: list[str], sweep: list[str]) -> RunSet:
     """One validated config per sweep point, with suffixed run names and an absolute run root.
 
     Everything is loaded before anything is submitted, so a bad value in any member
     fails the whole command with the key named.
     """
-    base = load_config(config, overrides)
+    base = _load(config, overrides)
     # Jobs may start in another working directory (requeues, array members).
     root = Path(base.run.root).expanduser().resolve()
     cfgs = []
     for point in expand(sweep):
-        cfg = load_config(config, [*overrides, *point.overrides])
+        cfg = _load(config, [*overrides, *point.overrides])
         if cfg.run.name != base.run.name:
             raise ConfigError("run.name cannot be swept; each member's name is derived from it")
         if point.suffix:
