@@ -58,8 +58,9 @@ def test_cli_runs_models_and_writes_results(micro, tmp_path, capsys):
         clip_benchmark.file_name({"dataset": "demo", "pretrained": pretrained, "model": "orbit-micro",
                                   "language": "en", "task": task})
         for pretrained in (str(ckpt), "random-init") for task in ("zeroshot_classification", "zeroshot_retrieval"))
-    zs = json.loads((cb_dir / clip_benchmark.file_name({"dataset": "demo", "pretrained": str(ckpt), "model": "orbit-micro",
-                                                        "language": "en", "task": "zeroshot_classification"})).read_text())
+    zs_name = clip_benchmark.file_name({"dataset": "demo", "pretrained": str(ckpt), "model": "orbit-micro",
+                                        "language": "en", "task": "zeroshot_classification"})
+    zs = json.loads((cb_dir / zs_name).read_text())
     assert zs["pretrained"] == str(ckpt) and zs["metrics"]["acc1"] == got["metrics"]["acc1"]
 
 

@@ -55,7 +55,8 @@ def expected(files) -> dict[str, str]:
     garbage, missing = files["garbage"], files["missing"]
     weights = _train_message(f"orbit-micro:{garbage}")
     return {
-        "unknown_benchmark": f"error: unknown benchmark 'no_such_benchmark'; shipped: {', '.join(benchmark.available())}",
+        "unknown_benchmark": "error: unknown benchmark 'no_such_benchmark'; "
+                             f"shipped: {', '.join(benchmark.available())}",
         "bad_yaml": f"error: {files['bad_yaml']} (or a base: file it names): invalid YAML: "
                     "expected the node content, but found '<stream end>' at line 2, column 1",
         "binary_benchmark": f"error: {garbage} (or a base: file it names): not a UTF-8 text file "
@@ -99,6 +100,7 @@ def test_a_model_that_cannot_load_keeps_the_others_results(tmp_path, capsys):
     assert f"error: {tmp_path / 'absent'}: no such run directory or checkpoint file\n" in err
     rows = json.loads((out / "results.json").read_text())["models"]
     assert [r["model"] for r in rows] == [str(tmp_path / "absent"), "orbit-micro"]
-    assert rows[0]["results"]["demo"]["status"] == "error" and "model not loaded" in rows[0]["results"]["demo"]["message"]
+    failed = rows[0]["results"]["demo"]
+    assert failed["status"] == "error" and failed["message"].startswith("model not loaded: ")
     assert rows[1]["results"]["demo"]["status"] == "ok"
     assert "| orbit-micro |" in (out / "results.md").read_text()

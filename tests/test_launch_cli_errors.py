@@ -30,7 +30,6 @@ def setup(tmp_path_factory):
     (tmp / "bad.yaml").write_text("run: [\n")
     (tmp / "binary.yaml").write_bytes(b"\xff\xfe\x00 run")
     (tmp / "not_a_run").mkdir()
-    local = ["local", "--config", cfg, "train.resume=null"]
     slurm = ["slurm", "--config", cfg, "--nodes", "1", "--gpus-per-node", "1", "--partition", "p", "--dry-run"]
     cases = {
         "missing_config": ["local", "--config", str(tmp / "missing.yaml")],
@@ -41,6 +40,16 @@ def setup(tmp_path_factory):
         "status_missing": ["status", str(tmp / "absent")],
         "status_not_a_run": ["status", str(tmp / "not_a_run")],
         "slurm_time": [*slurm, "--time", "1:00"],
+    }
+    return tmp, run_cli_cases("launch", cases)
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """Two real ``launch local`` jobs (LocalExecutor processes) whose stand-in trainer fails."""
+    tmp = tmp_path_factory.mktemp("launch_jobs")
+    local = ["local", "--config", str(write_config(tmp)), "train.resume=null"]
+    cases = {
         "trainer_bad_input": [*local, "run.name=bad", "--target", f"{__name__}:standin_bad_input"],
         "trainer_bug": [*local, "run.name=bug", "--target", f"{__name__}:standin_bug"],
     }
@@ -81,8 +90,9 @@ def test_user_error_is_one_line_and_exit_code_2(setup, case):
     assert got.code == 2 and got.stdout == ""  # nothing half-printed before the error
 
 
-def test_bad_input_found_by_the_trainer_in_the_job_is_one_line(setup):
-    tmp, runs = setup
+@pytest.mark.slow
+def test_bad_input_found_by_the_trainer_in_the_job_is_one_line(jobs):
+    tmp, runs = jobs
     got = runs["trainer_bad_input"]
     assert "Traceback" not in got.stderr and got.code == 2
     [line] = got.error_lines
@@ -94,8 +104,9 @@ def test_bad_input_found_by_the_trainer_in_the_job_is_one_line(setup):
     assert "FAILED - ConfigError: checkpoint was written by 2 ranks" in format_status(run_status(tmp / "runs" / "bad"))
 
 
-def test_a_bug_in_the_job_still_shows_its_traceback(setup):
-    tmp, runs = setup
+@pytest.mark.slow
+def test_a_bug_in_the_job_still_shows_its_traceback(jobs):
+    tmp, runs = jobs
     got = runs["trainer_bug"]
     assert got.code == 1
     assert got.stderr.startswith(f"run {tmp}/runs/bug failed:\n")

@@ -120,7 +120,8 @@ def retrieval(ctx: EvalContext, opts: RetrievalOptions) -> Iterator[Metric]:
     yield from results.items()
     path = ctx.figure_path("retrieval_examples") if opts.examples else None
     if path is not None:
-        examples = retrieval_examples(feats[with_caps], text_feats, remap[owners], texts, opts.examples, opts.examples_k)
+        examples = retrieval_examples(feats[with_caps], text_feats, remap[owners], texts,
+                                      opts.examples, opts.examples_k)
         retrieval_grid_png(examples, lambda i: open_image(ds.images[with_caps[i]]), path,
                            title=f"{ctx.spec.name}: text -> image, top {opts.examples_k}")
     yield "n_images", float(len(with_caps))

@@ -49,9 +49,10 @@ def zeroshot(ctx: EvalContext, opts: ZeroShotOptions) -> Iterator[Metric]:
     yield "mean_per_class_recall", metrics.mean_per_class_recall(cm)
     yield "weighted_f1", metrics.weighted_f1(cm)
     yield "n_samples", float(len(idx))
-    if opts.confusion and ctx.out_dir is not None:
-        write_confusion(cm, ds.classnames, Path(ctx.out_dir))
-        confusion_png(cm, ds.classnames, ctx.figure_path("confusion"), title=f"{ctx.spec.name} zero-shot confusion")
+    path = ctx.figure_path("confusion") if opts.confusion else None  # None without an output folder
+    if path is not None:
+        write_confusion(cm, ds.classnames, path.parent)
+        confusion_png(cm, ds.classnames, path, title=f"{ctx.spec.name} zero-shot confusion")
 
 
 def write_confusion(cm: torch.Tensor, classnames: list[str], out_dir: Path) -> Path:
