@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+
 from train.api import ConfigError, from_dict, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

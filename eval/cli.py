@@ -8,12 +8,13 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from eval import clip_benchmark
 from eval.benchmark import BenchmarkSpec, available, load_benchmark
 from eval.features import FeatureExtractor
-
 from eval.report import markdown_table, write_results
 from eval.runner import run_benchmark
 from train.api import ConfigError
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ARCH, ARCH:TAG_OR_FILE, local-dir:DIR, hf:DIR, a run dir or checkpoint (repeatable)")
     r.add_argument("--name", action=_ModelAction, dest="models", help="table label for the preceding --model")
     r.add_argument("--benchmark", action="append", required=True, help="name in configs/benchmarks or a YAML file")
-    r.add_argument("--out", required=True, type=Path, help="output folder")
+    r.add_argument("--out", required=True, type=Path,
+                   help="output folder: results.json, results.md, per-model pictures, clip_benchmark/*.json")
     r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     r.add_argument("--batch-size", type=int, default=256)
     r.add_argument("--max-samples", type=int, default=None, help="evaluate at most N samples per benchmark")
@@ -54,18 +56,63 @@ def _label_dir(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "model"
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _one_line(e: BaseException) -> str:
+    """An error's message on one line (some wrap a library's multi-line text)."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    return lines[0] + (" [...]" if len(lines) > 1 else "")
+
+
+def _check_args(args: argparse.Namespace) -> str:
+    """The torch device to use; ConfigError for options that cannot work, before any model loads."""
+    if args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
+        raise ConfigError("--batch-size and --max-samples must be >= 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def _make_out_dir(out: Path) -> None:
+    """Create ``--out`` now: a path that cannot be a folder should fail before the evaluation, not after."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create the output folder ({e.strerror or e})") from None
+
+
+def _load(spec: str, device: str) -> tuple[Any, str | None]:
+    """(bundle, None), or (None, one-line reason) when ``spec`` names no loadable model."""
+    from train.api import UserError, load_model  # heavy (open_clip) on first call: only once the arguments are valid
+
+    try:
+        return load_model(spec, device=device), None
+    except (UserError, FileNotFoundError) as e:
+        message = _one_line(e)
+        return None, message if spec in message else f"--model {spec}: {message}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    device = _check_args(args)
     overrides = {"max_samples": args.max_samples} if args.max_samples else None
     specs: list[BenchmarkSpec] = [load_benchmark(b, overrides) for b in args.benchmark]
-    from train.api import load_model  # heavy (open_clip): only once the arguments are valid
+    _make_out_dir(args.out)
 
     start = time.perf_counter()
-    rows, failed = [], False
+    rows, failed, unloadable = [], False, False
     for m in args.models:
         label = m["name"] or m["spec"]
         print(f"[eval] model {label} ({m['spec']}) on {device}", flush=True)
-        bundle = load_model(m["spec"], device=device)
+        bundle, problem = _load(m["spec"], device)
+        if problem is not None:  # a user error: say so, keep going with the other models
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+            unloadable = True
+            rows.append({"model": label, "spec": m["spec"], "arch": None, "error": problem, "results": {
+                s.name: {"status": "error", "message": f"model not loaded: {problem}"} for s in specs}})
+            continue
         extractor = FeatureExtractor(bundle, device, batch_size=args.batch_size, progress=not args.no_progress)
         results = {}
         for spec in specs:
@@ -80,13 +127,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         rows.append({"model": label, "spec": m["spec"], "arch": getattr(bundle, "arch", None),
                      "results": results})
         del bundle, extractor
+    loaded = [r for r in rows if "error" not in r]
+    if not loaded:
+        return 2  # no model could be loaded: nothing to report
     table = markdown_table(rows, specs)
     payload = {"models": rows, "benchmarks": [s.name for s in specs], "device": device,
                "seconds": round(time.perf_counter() - start, 2)}
     json_path, md_path = write_results(args.out, payload, table)
+    cb_files = clip_benchmark.write_files(args.out / "clip_benchmark", loaded)
     print(table)
-    print(f"[eval] wrote {json_path} and {md_path} in {payload['seconds']:.1f}s", flush=True)
-    return 1 if failed else 0
+    print(f"[eval] wrote {json_path} and {md_path} in {payload['seconds']:.1f}s; "
+          f"{len(cb_files)} CLIP_benchmark files in {args.out / 'clip_benchmark'}", flush=True)
+    return 2 if unloadable else 1 if failed else 0
 
 
 def cmd_list() -> int:
@@ -113,5 +165,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return cmd_run(args) if args.command == "run" else cmd_list()
     except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -30,6 +30,17 @@ class EvalContext:
     """Where evaluators may write files (confusion matrices); None = write nothing."""
     info: dict[str, Any] = field(default_factory=dict)
     """Non-metric facts evaluators report (go into results.json)."""
+    figures: dict[str, Path] = field(default_factory=dict)
+    """Pictures evaluators wrote into ``out_dir``, by name (``confusion``, ``retrieval_examples``)."""
+
+    def figure_path(self, name: str) -> Path | None:
+        """Where the picture ``name`` goes (registered in :attr:`figures`); None = write none."""
+        if self.out_dir is None:
+            return None
+        path = Path(self.out_dir) / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.figures[name] = path
+        return path
 
     def labelled(self) -> tuple[list[int], list[int]]:
         """(sample indices, labels) of the labelled samples; EvalError if there are none."""

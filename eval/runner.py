@@ -36,25 +36,6 @@ def load_cached(spec: BenchmarkSpec, split: str | None = None) -> EvalDataset:
     return ds
 
 
-def iter_benchmark(spec: BenchmarkSpec, extractor: FeatureExtractor, out_dir: Path | None = None,
-                   info: dict[str, Any] | None = None) -> Iterator[Metric]:
-    """Run every evaluator of ``spec``; yields ``(metric, value)``.
-
-    Raises:
-        DataUnavailable: the benchmark's data is not on this machine.
-    """
-    ds = load_cached(spec)
-    ctx = EvalContext(spec=spec, dataset=ds, extractor=extractor,
-                      load_split=lambda split: load_cached(spec, split), out_dir=out_dir,
-                      info=info if info is not None else {})
-    if ds.excluded:
-        ctx.info["excluded"] = dict(ds.excluded)
-    ctx.info["n_split_samples"] = len(ds)
-    for name, options in spec.evaluators.items():
-        ev = registry.get(name)
-        yield from ev.fn(ctx, registry.parse_options(name, options))
-
-
 @dataclass
 class BenchmarkResult:
     """The outcome of one (model, benchmark) pair, as stored in results.json."""
@@ -65,6 +46,39 @@ class BenchmarkResult:
     info: dict[str, Any] = field(default_factory=dict)
     message: str = ""
     seconds: float = 0.0
+    evaluators: dict[str, list[str]] = field(default_factory=dict)
+    """Evaluator name -> the metrics it reported (task of each metric, e.g. for CLIP_benchmark files)."""
+    figures: dict[str, str] = field(default_factory=dict)
+    """Picture name -> PNG path written by the evaluators (none without an output folder)."""
+
+
+def iter_benchmark(spec: BenchmarkSpec, extractor: FeatureExtractor, out_dir: Path | None = None,
+                   record: BenchmarkResult | None = None) -> Iterator[Metric]:
+    """Run every evaluator of ``spec``; yields ``(metric, value)``.
+
+    Args:
+        record: filled as the evaluators run with ``info``, ``evaluators`` and ``figures``
+            (``metrics`` is left to the caller).
+
+    Raises:
+        DataUnavailable: the benchmark's data is not on this machine.
+    """
+    record = record if record is not None else BenchmarkResult(spec.name, "ok")
+    ds = load_cached(spec)
+    ctx = EvalContext(spec=spec, dataset=ds, extractor=extractor,
+                      load_split=lambda split: load_cached(spec, split), out_dir=out_dir, info=record.info)
+    if ds.excluded:
+        ctx.info["excluded"] = dict(ds.excluded)
+    ctx.info["n_split_samples"] = len(ds)
+    for name, options in spec.evaluators.items():
+        ev = registry.get(name)
+        reported = record.evaluators.setdefault(name, [])
+        try:
+            for metric, value in ev.fn(ctx, registry.parse_options(name, options)):
+                reported.append(metric)
+                yield metric, value
+        finally:  # pictures written before a failure are still reported
+            record.figures.update({k: str(v) for k, v in ctx.figures.items()})
 
 
 def run_benchmark(spec: BenchmarkSpec, extractor: FeatureExtractor, out_dir: Path | None = None) -> BenchmarkResult:
@@ -72,7 +86,7 @@ def run_benchmark(spec: BenchmarkSpec, extractor: FeatureExtractor, out_dir: Pat
     start = time.perf_counter()
     result = BenchmarkResult(spec.name, "ok")
     try:
-        for name, value in iter_benchmark(spec, extractor, out_dir, result.info):
+        for name, value in iter_benchmark(spec, extractor, out_dir, result):
             result.metrics[name] = float(value)
     except DataUnavailable as e:
         result.status, result.message = "skipped", str(e)

@@ -11,6 +11,7 @@ import yaml
 from launch import local, slurm
 from launch.status import format_status, run_status
 from launch.sweep import RunSet, resolve_runs
+from launch.task import input_error_line
 from train.api import ConfigError, to_dict
 
 EPILOG = "Config overrides are section.key=value words anywhere after the subcommand (e.g. optim.lr=1e-4)."
@@ -92,8 +93,9 @@ def cmd_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
         **_kw(args, signal_delay_s="signal_delay_s", max_timeouts="max_timeouts"),
     )
     if args.dry_run:
+        script = slurm.sbatch_text(runs, req)  # before printing anything: it validates the request
         print("# ---- sbatch script (submitit would submit this; --dry-run submitted nothing)")
-        print(slurm.sbatch_text(runs, req))
+        print(script)
         _print_configs(runs)
         return 0
     jobs = slurm.submit(runs, req, target=args.target)
@@ -119,8 +121,13 @@ def cmd_local(args: argparse.Namespace, overrides: list[str]) -> int:
             job.cancel()
             raise
         except Exception as e:  # submitit wraps the task's traceback; show it and go on
-            print(f"run {cfg.run.dir} failed:\n{e}", file=sys.stderr)
-            code = 1
+            problem = input_error_line(str(e))
+            if problem is None:  # a bug somewhere: the whole traceback helps
+                print(f"run {cfg.run.dir} failed:\n{e}", file=sys.stderr)
+                code = max(code, 1)
+            else:  # bad input the trainer named: one line (the traceback is in the log)
+                print(f"error: run {cfg.run.dir}: {problem} (log: {job.paths.stderr})", file=sys.stderr)
+                code = 2
             continue
         print(f"run {cfg.run.dir}: {getattr(result, 'status', result)} at step {getattr(result, 'step', '?')}")
     return code

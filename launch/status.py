@@ -10,7 +10,12 @@ from pathlib import Path
 
 from submitit.core.utils import JobPaths, pickle_load
 
-from launch.jobs import JobRecord, read_records
+from launch.jobs import RECORD, JobRecord, read_records
+from launch.task import input_error_line
+
+
+RUN_MARKERS = (RECORD, "config.yaml", "checkpoints", "tb")
+"""What a run directory holds once launched (the record) or trained (the rest)."""
 
 
 @dataclass
@@ -78,7 +83,7 @@ def _state_from_files(rec: JobRecord, paths: JobPaths) -> tuple[str, str]:
             step = getattr(value, "step", None)
             return "COMPLETED", f"trainer returned {status} at step {step}" if status else ""
         last = str(value).strip().splitlines()[-1:] or [""]
-        return "FAILED", last[0]
+        return "FAILED", input_error_line(str(value)) or last[0]
     if rec.executor == "local" and rec.job_id.isdigit() and _pid_alive(int(rec.job_id)):
         return "RUNNING", ""
     if paths.stdout.exists():
@@ -118,6 +123,8 @@ def run_status(run_dir: Path) -> RunStatus:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
+    if not any((run_dir / name).exists() for name in RUN_MARKERS):
+        raise FileNotFoundError(f"{run_dir} is not a run directory (none of {', '.join(RUN_MARKERS)} in it)")
     out = RunStatus(run_dir.resolve())
     records, out.problems = read_records(run_dir)
     out.jobs = [job_status(r) for r in records]

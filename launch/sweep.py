@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.api import Config, load_config
-from train.api import ConfigError
+
+from train.api import Config, ConfigError, load_config
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,7 @@ from typing import Any, Callable
 import submitit
 from submitit.core.job_environment import SignalHandler
 
-from train.api import Config
-from train.api import DistEnv, dist_env_from
+from train.api import Config, DistEnv, UserError, dist_env_from
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +101,31 @@ def setup_logging(env: DistEnv) -> None:
         logger.setLevel(logging.INFO if env.is_main else logging.WARNING)
 
 
+class TrainerInputError(RuntimeError):
+    """The trainer rejected its input (config, data, checkpoint, model file): a user error.
+
+    Raised in the job in place of the trainer's own exception (chained, so the job log
+    keeps the whole traceback) with that exception's first line as its message, so that
+    the launcher can show one line where it would otherwise show a remote traceback.
+    """
+
+
+_INPUT_ERROR_PREFIX = f"{TrainerInputError.__module__}.{TrainerInputError.__qualname__}: "
+
+
+def _trainer_input_errors() -> tuple[type[BaseException], ...]:
+    """The trainer's exception types that mean bad input rather than a bug."""
+    return UserError, FileNotFoundError
+
+
+def input_error_line(trace: str) -> str | None:
+    """The message of a :class:`TrainerInputError` in a job's error text (submitit's traceback), or None."""
+    for line in reversed(trace.splitlines()):
+        if line.startswith(_INPUT_ERROR_PREFIX):
+            return line[len(_INPUT_ERROR_PREFIX):]
+    return None
+
+
 def resolve_target(target: str) -> Callable[..., Any]:
     """``"package.module:function"`` -> the function."""
     module, sep, name = target.partition(":")
@@ -140,7 +164,13 @@ class TrainTask:
         if os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local"):  # a job process of our own
             setup_logging(env)
         requeue = _submitit_requeue_handler()
-        result = resolve_target(self.target)(self.cfg, env)
+        try:
+            result = resolve_target(self.target)(self.cfg, env)
+        except Exception as e:
+            if isinstance(e, _trainer_input_errors()):
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise TrainerInputError(f"{type(e).__name__}: {first}") from e
+            raise  # anything else is a bug: its traceback stays as it is
         if getattr(result, "status", None) == "preempted" and requeue is not None:
             log.warning("run %s preempted at step %s: requeueing", self.cfg.run.name, getattr(result, "step", "?"))
             try:

@@ -17,7 +17,7 @@ from shards.items import Item, Listing, Skip
 from shards.keys import assign_keys
 from shards.options import BuildOptions
 from shards.sources import SOURCES
-from shards.splits import split_order
+from shards.splits import check_fractions, split_order
 from shards.worker import ImageOptions, ItemProcessor, Result
 from shards.writer import SplitShardWriter
 
@@ -160,6 +160,7 @@ def build(source: str, input_path: str | None, output: str | Path, opts: BuildOp
         raise ValueError(f"unknown source {source!r}; choose one of {sorted(SOURCES)}")
     if source != "synthetic" and not input_path:
         raise ValueError(f"source {source!r} needs an input path")
+    check_fractions(*opts.fractions(source))
     out = Path(output)
     if not opts.overwrite:
         prepare_output(out, overwrite=False)  # refuse early, before a long listing

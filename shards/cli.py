@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from typing import Any
 
 from shards import api
@@ -66,6 +67,20 @@ def _summary(manifest: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _nothing_written(manifest: dict[str, Any]) -> str | None:
+    """Why a build wrote no sample at all (its inputs, all skipped), or None if it wrote some."""
+    splits = manifest["splits"].values()
+    if any(st["written"] for st in splits):
+        return None
+    reasons: Counter[str] = Counter(manifest["unassigned"]["reasons"])
+    for st in splits:
+        reasons.update(st["skipped_reasons"])
+    inputs = sum(st["inputs"] for st in splits) + manifest["unassigned"]["count"]
+    if not inputs:
+        return f"{manifest['input'] or 'the source'} holds no inputs"
+    return f"every input was skipped ({inputs} in all: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})"
+
+
 def _print_report(report: dict[str, Any]) -> None:
     print(f"source: {report['source']}")
     for split, st in report["splits"].items():
@@ -93,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.pop("templates")
             manifest = api.build(source, input_path, output, **args)
             print(_summary(manifest))
+            problem = _nothing_written(manifest)
+            if problem:
+                print(f"error: no samples written to {output}: {problem}", file=sys.stderr)
+                return 2
             return 0
         report = api.inspect(args["output"], grid=args["grid"], examples=args["examples"])
         print(json.dumps(report, indent=2)) if args["json"] else _print_report(report)

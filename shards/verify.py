@@ -36,6 +36,17 @@ def _read_shard(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return samples, errors
 
 
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The parsed manifest; ValueError naming the file if it is not one ``shards build`` wrote."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise ValueError(f"{path}: not a shards manifest (no 'splits' mapping)")
+    return manifest
+
+
 def inspect_shards(output: str | Path, examples: int = 3, keep_images: int = 0) -> dict[str, Any]:
     """Verify every shard under ``output`` and summarise it.
 
@@ -49,11 +60,12 @@ def inspect_shards(output: str | Path, examples: int = 3, keep_images: int = 0) 
 
     Raises:
         FileNotFoundError: when ``output`` has no ``manifest.json``.
+        ValueError: when that file is not a manifest written by ``shards build``.
     """
     out = Path(output)
     if not (out / "manifest.json").is_file():
         raise FileNotFoundError(f"{out} has no manifest.json (not a shards output folder)")
-    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    manifest = _read_manifest(out / "manifest.json")
     report: dict[str, Any] = {"ok": True, "errors": [], "splits": {}, "images": [], "source": manifest.get("source")}
     for split in split_order(list(manifest.get("splits", {}))):
         d = out / split
@@ -85,5 +97,7 @@ def inspect_shards(output: str | Path, examples: int = 3, keep_images: int = 0) 
             report["errors"].append(f"{split}: manifest says {expected} written, shards hold {total}")
         report["splits"][split] = {"samples": total, "shards": len(tars), "classes": dict(sorted(classes.items())),
                                    "examples": shown}
+    if not any(st["samples"] for st in report["splits"].values()):
+        report["errors"].append("no samples in any split")  # nothing to train or evaluate on
     report["ok"] = not report["errors"]
     return report

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from eval import api, benchmark
+from eval import api, benchmark, clip_benchmark
 from eval.cli import main
 from eval.loaders import DataUnavailable, load_split
 
@@ -50,6 +50,18 @@ def test_cli_runs_models_and_writes_results(micro, tmp_path, capsys):
     assert "| micro-ckpt |" in table and "| orbit-micro |" in table and "skipped" in table
     assert table.strip() in capsys.readouterr().out
     assert (out / "micro-ckpt" / "demo" / "confusion.png").is_file()
+    assert got["figures"] == {name: str(out / "micro-ckpt" / "demo" / f"{name}.png")
+                              for name in ("confusion", "retrieval_examples")}
+    # CLIP_benchmark's layout: one file per (dataset, model, task), in a folder of their own
+    cb_dir = out / "clip_benchmark"
+    assert sorted(p.name for p in cb_dir.iterdir()) == sorted(
+        clip_benchmark.file_name({"dataset": "demo", "pretrained": pretrained, "model": "orbit-micro",
+                                  "language": "en", "task": task})
+        for pretrained in (str(ckpt), "random-init") for task in ("zeroshot_classification", "zeroshot_retrieval"))
+    zs_name = clip_benchmark.file_name({"dataset": "demo", "pretrained": str(ckpt), "model": "orbit-micro",
+                                        "language": "en", "task": "zeroshot_classification"})
+    zs = json.loads((cb_dir / zs_name).read_text())
+    assert zs["pretrained"] == str(ckpt) and zs["metrics"]["acc1"] == got["metrics"]["acc1"]
 
 
 def test_rsicd_val_on_shared_data(shared_data, micro, tmp_path, monkeypatch):

@@ -1,24 +1,30 @@
 """The declared surface of ``train`` for the other packages (eval, launch, search).
 
 Packages outside ``train`` import from here only (``tests/test_layers.py`` enforces it),
-so the inside of ``train`` can move without breaking them. Light names are imported
-eagerly; the heavy ones (open_clip) load on first call.
+so the inside of ``train`` can move without breaking them. Importing this module does not
+import torch (``python -m launch status`` stays fast); the heavy names load on first call.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from train.core.collectives import Comm, PeerError
-from train.core.compat import ensure_torchvision
 from train.core.config import Config, load_config
 from train.core.configbase import ConfigError, from_dict, read_yaml, to_dict
 from train.core.distenv import DistEnv, dist_env_from
 from train.core.errors import UserError
 from train.core.rundir import CheckpointDir, RunDir
+
+if TYPE_CHECKING:
+    import torch
+
+
+def ensure_torchvision() -> bool:
+    """Make torchvision importable next to a CPU torch (see :mod:`train.core.compat`)."""
+    from train.core.compat import ensure_torchvision as _ensure
+
+    return _ensure()
 
 
 def load_model(spec: str, device: str | torch.device = "cpu") -> Any:
@@ -36,6 +42,6 @@ def save_local_dir(bundle: Any, folder: str | Path) -> Path:
 
 
 __all__ = [
-    "CheckpointDir", "Comm", "Config", "ConfigError", "DistEnv", "PeerError", "RunDir", "UserError", "dist_env_from",
-    "ensure_torchvision", "from_dict", "load_config", "load_model", "read_yaml", "save_local_dir", "to_dict",
+    "CheckpointDir", "Config", "ConfigError", "DistEnv", "RunDir", "UserError", "dist_env_from", "ensure_torchvision",
+    "from_dict", "load_config", "load_model", "read_yaml", "save_local_dir", "to_dict",
 ]

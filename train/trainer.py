@@ -32,7 +32,7 @@ from train.data import build_train_loader
 from train.engines import EngineParts, build_engine
 from train.loop.checkpoint import CheckpointManager
 from train.loop.metrics import MetricLogger
-from train.loop.pictures import batch_grid, png_images
+from train.loop.pictures import batch_grid, png_image
 from train.loop.signals import StopFlag
 from train.model import build_model, save_model_config
 from train.model.compile import compile_towers
@@ -101,6 +101,10 @@ class Trainer:
         if cfg.train.checkpoint_every < 1 or cfg.eval.every < 0:
             raise ConfigError("train.checkpoint_every must be >= 1 and eval.every >= 0")
         self.cfg, self.env, self.device, self.comm = cfg, env, device, comm
+        if cfg.eval.benchmarks:
+            from eval.api import check_benchmarks
+
+            check_benchmarks(cfg.eval.benchmarks)
         self.run = RunDir(cfg.run.dir)
         if env.is_main:
             self.run.path.mkdir(parents=True, exist_ok=True)
@@ -224,28 +228,23 @@ class Trainer:
         """
         if not self.cfg.eval.benchmarks:
             return
-        import inspect
-
         from eval.api import evaluate
 
-        out_dir = self.run.eval_files(self.step)
-        kwargs: dict[str, Any] = {"out_dir": out_dir, "batch_size": self.cfg.eval.batch_size}
-        shared = "partition" in inspect.signature(evaluate).parameters  # TODO(merge evalx): always
-        if shared:
-            kwargs.update(partition=self.comm, write_files=self.env.is_main)
+        figures: dict[str, Path] = {}
         with self.engine.full_model() as model, self.comm.agreement(f"evaluation at step {self.step}"):
             model.eval()
             try:
                 with torch.no_grad():
                     results = {n: float(v) for n, v in evaluate(
-                        self.bundle, self.cfg.eval.benchmarks, self.device, **kwargs)} \
-                        if shared or self.env.is_main else {}
+                        self.bundle, self.cfg.eval.benchmarks, self.device, out_dir=self.run.eval_files(self.step),
+                        batch_size=self.cfg.eval.batch_size, partition=self.comm, write=self.env.is_main,
+                        figures=figures)}
             finally:
                 model.train()
             if self.env.is_main:
                 self.metrics.log_eval(self.step, results)
-                for tag, image in png_images(out_dir):
-                    self.metrics.log_image(f"eval/{tag}", image, self.step)
+                for tag, path in sorted(figures.items()):
+                    self.metrics.log_image(f"eval/{tag}", png_image(path), self.step)
                 self.run.eval_dir.mkdir(parents=True, exist_ok=True)
                 write_text_durable(self.run.eval_result(self.step),
                                    json.dumps({"step": self.step, "results": results}, indent=2))

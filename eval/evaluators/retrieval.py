@@ -18,6 +18,8 @@ import torch
 
 from eval import metrics
 from eval.context import EvalContext, EvalError
+from eval.dataset import open_image
+from eval.figures import RetrievalExample, retrieval_grid_png
 from eval.registry import Metric, register
 from train.api import ConfigError
 
@@ -29,10 +31,16 @@ class RetrievalOptions:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     image_image: bool = True
     """Also report image->image R@k by class where the split has labels."""
+    examples: int = 4
+    """Text queries shown in retrieval_examples.png (when there is an output folder); 0 = no picture."""
+    examples_k: int = 5
+    """Images shown per query in that picture."""
 
     def validate(self) -> None:
         if not self.ks or min(self.ks) < 1:
             raise ConfigError("retrieval.ks must be positive integers")
+        if self.examples < 0 or self.examples_k < 1:
+            raise ConfigError("retrieval.examples must be >= 0 and retrieval.examples_k >= 1")
 
 
 def caption_owners(captions: list[list[str]]) -> tuple[list[str], torch.Tensor, list[int]]:
@@ -57,6 +65,27 @@ def text_image_recalls(image_feats: torch.Tensor, text_feats: torch.Tensor, owne
     out = {f"image_retrieval_recall@{k}": v for k, v in t2i.items()}
     out.update({f"text_retrieval_recall@{k}": v for k, v in i2t.items()})
     out["mean_recall"] = (sum(t2i.values()) + sum(i2t.values())) / (2 * len(ks))
+    return out
+
+
+def retrieval_examples(image_feats: torch.Tensor, text_feats: torch.Tensor, owners: torch.Tensor,
+                       texts: list[str], n: int, k: int) -> list[RetrievalExample]:
+    """Text->image results of ``n`` evenly spaced queries: their top-``k`` images, best first.
+
+    Indices refer to the rows of ``image_feats``; ``owners[j]`` is the image of text ``j``.
+    Ties go against the correct image, then by index, so its position in the picture is
+    the rank the metrics count (and the picture is reproducible).
+    """
+    picks = sorted({int(i * len(texts) / n) for i in range(min(n, len(texts)))})
+    sim = text_feats[picks] @ image_feats.T  # [n, N]
+    positive = owners[picks][:, None] == torch.arange(len(image_feats))[None, :]
+    ranks = metrics.retrieval_ranks(sim, positive)
+    out = []
+    for row, j in enumerate(picks):
+        wrong_first = torch.argsort(positive[row].long(), stable=True)
+        order = wrong_first[torch.sort(sim[row, wrong_first], descending=True, stable=True).indices][:k].tolist()
+        out.append(RetrievalExample(query=texts[j], images=order, scores=[float(sim[row, i]) for i in order],
+                                    correct=[i == int(owners[j]) for i in order], rank=int(ranks[row])))
     return out
 
 
@@ -86,8 +115,15 @@ def retrieval(ctx: EvalContext, opts: RetrievalOptions) -> Iterator[Metric]:
     # images without captions cannot be retrieved by text: leave them out of both directions
     remap = torch.full((len(ds),), -1, dtype=torch.long)
     remap[with_caps] = torch.arange(len(with_caps))
-    results = text_image_recalls(feats[with_caps], ctx.extractor.text_features(texts), remap[owners], opts.ks)
+    text_feats = ctx.extractor.text_features(texts)
+    results = text_image_recalls(feats[with_caps], text_feats, remap[owners], opts.ks)
     yield from results.items()
+    path = ctx.figure_path("retrieval_examples") if opts.examples else None
+    if path is not None:
+        examples = retrieval_examples(feats[with_caps], text_feats, remap[owners], texts,
+                                      opts.examples, opts.examples_k)
+        retrieval_grid_png(examples, lambda i: open_image(ds.images[with_caps[i]]), path,
+                           title=f"{ctx.spec.name}: text -> image, top {opts.examples_k}")
     yield "n_images", float(len(with_caps))
     yield "n_texts", float(len(texts))
     labelled = ds.labelled

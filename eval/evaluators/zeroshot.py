@@ -10,10 +10,11 @@ from typing import Iterator
 import torch
 
 from eval import metrics
-from train.api import ConfigError
 from eval.context import EvalContext, EvalError
+from eval.figures import confusion_png
 from eval.prompts import zeroshot_weights
 from eval.registry import Metric, register
+from train.api import ConfigError
 
 
 @dataclass
@@ -48,30 +49,16 @@ def zeroshot(ctx: EvalContext, opts: ZeroShotOptions) -> Iterator[Metric]:
     yield "mean_per_class_recall", metrics.mean_per_class_recall(cm)
     yield "weighted_f1", metrics.weighted_f1(cm)
     yield "n_samples", float(len(idx))
-    if opts.confusion and ctx.out_dir is not None:
-        write_confusion(cm, ds.classnames, Path(ctx.out_dir), title=ctx.spec.name)
+    path = ctx.figure_path("confusion") if opts.confusion else None  # None without an output folder
+    if path is not None:
+        write_confusion(cm, ds.classnames, path.parent)
+        confusion_png(cm, ds.classnames, path, title=f"{ctx.spec.name} zero-shot confusion")
 
 
-def write_confusion(cm: torch.Tensor, classnames: list[str], out_dir: Path, title: str) -> None:
-    """confusion.json (rows = true class) and a confusion.png heat map (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers; must precede pyplot
-    import matplotlib.pyplot as plt
-
+def write_confusion(cm: torch.Tensor, classnames: list[str], out_dir: Path) -> Path:
+    """confusion.json: the matrix (rows = true class) with its class names."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "confusion.json").write_text(json.dumps(
-        {"classnames": classnames, "rows": "true class", "columns": "predicted class",
-         "matrix": cm.tolist()}, indent=1))
-    n = len(classnames)
-    size = max(4.0, 0.35 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm.numpy(), cmap="Blues")
-    ax.set_xticks(range(n), labels=classnames, rotation=90, fontsize=7)
-    ax.set_yticks(range(n), labels=classnames, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"{title} zero-shot confusion")
-    fig.tight_layout()
-    fig.savefig(out_dir / "confusion.png", dpi=100)
-    plt.close(fig)
+    path = out_dir / "confusion.json"
+    path.write_text(json.dumps({"classnames": classnames, "rows": "true class", "columns": "predicted class",
+                                "matrix": cm.tolist()}, indent=1))
+    return path

@@ -1,10 +1,10 @@
 """Pictures for TensorBoard: a grid of training samples as the model sees them, and the PNGs
-evaluators wrote (confusion matrices, retrieval examples)."""
+evaluators write (confusion matrices, retrieval examples), as arrays."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,12 +24,9 @@ def batch_grid(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     return (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
-def png_images(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """``(tag, HWC uint8 RGB)`` for every PNG under ``folder``; the tag is its relative path."""
+def png_image(path: Path) -> np.ndarray:
+    """An image file as HWC uint8 RGB (for TensorBoard)."""
     from PIL import Image
 
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.rglob("*.png")):
-        with Image.open(path) as im:
-            yield path.relative_to(folder).with_suffix("").as_posix(), np.asarray(im.convert("RGB"))
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))

@@ -115,7 +115,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except StopIteration:
         raise ModelLoadError(f"{path}: the state dict is empty") from None
     except Exception as e:  # torch/safetensors raise many types for corrupt or foreign files
-        raise ModelLoadError(f"{path}: cannot read a state dict ({type(e).__name__}: {e})") from e
+        # torch's own message runs over many lines and, for data that is no checkpoint at all,
+        # only advises weights_only=False; its first line is kept where it says more.
+        first = (str(e).strip().splitlines() or [""])[0]
+        why = type(e).__name__ if not first or "weights_only" in first else first[:160]
+        raise ModelLoadError(f"{path}: not a readable PyTorch or safetensors checkpoint ({why})") from e
     if not isinstance(sd, Mapping):
         raise ModelLoadError(f"{path}: holds a {type(sd).__name__}, not a state dict")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
