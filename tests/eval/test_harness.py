@@ -13,7 +13,7 @@ from eval.cli import main
 from eval.features import FeatureExtractor
 from eval.loaders import DataUnavailable, load_split
 from eval.runner import run_benchmark
-from tests.test_eval_toys import NUM_CLASSES, ToyBundle, write_benchmark, write_shards
+from tests.eval.test_toys import NUM_CLASSES, ToyBundle, write_benchmark, write_shards
 from train.core.configbase import ConfigError
 
 

@@ -19,7 +19,7 @@ from launch import cli
 from launch.status import run_status
 from launch.sweep import resolve_runs
 from launch.task import TrainTask
-from tests.test_launch import fake_slurm, fakeslurm, write_config  # noqa: F401 (fake_slurm is a fixture)
+from tests.launch.test_launch import fake_slurm, fakeslurm, write_config  # noqa: F401 (fake_slurm is a fixture)
 
 STEPS = 20
 TINY = {

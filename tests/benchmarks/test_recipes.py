@@ -16,7 +16,7 @@ from benchmarks import curves, recipes, story
 from train.core.config import load_config
 from train.trainer import RunResult, run
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import REPO_ROOT as ROOT
 RECIPE_DIR = ROOT / "configs" / "recipes"
 
 

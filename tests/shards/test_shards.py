@@ -13,7 +13,7 @@ from shards import api
 from shards.cli import main as cli_main
 from shards.keys import assign_keys
 from shards.splits import hash_split
-from tests.test_shards_helpers import (
+from tests.shards.helpers import (
     four_band_tiff, image_bytes, read_split, rgb_image, stats, tree_bytes, write,
 )
 

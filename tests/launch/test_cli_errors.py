@@ -9,7 +9,7 @@ import pytest
 
 from launch.status import format_status, run_status
 from tests.cliutil import run_cli_cases
-from tests.test_launch import write_config
+from tests.launch.test_launch import write_config
 from train.api import ConfigError, load_config
 
 

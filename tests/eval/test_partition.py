@@ -14,7 +14,7 @@ from eval import api, benchmark
 from eval.features import FeatureExtractor, shard_bounds
 from eval.loaders import load_split
 from tests.distutil import run_distributed
-from tests.test_eval_toys import ToyBundle, toy_transform, write_benchmark, write_shards
+from tests.eval.test_toys import ToyBundle, toy_transform, write_benchmark, write_shards
 
 
 class ThreadPartition:

@@ -9,7 +9,7 @@ import pytest
 from shards import api
 from shards.options import make_options
 from shards.sources import SOURCES
-from tests.test_shards_helpers import read_split, stats
+from tests.shards.helpers import read_split, stats
 
 pytestmark = pytest.mark.data
 Q = {"progress": False}

@@ -11,7 +11,7 @@ import pytest
 
 from shards import api
 from shards.synthetic import CLASSNAMES, TEMPLATES, render_scene
-from tests.test_shards_helpers import image_bytes, read_split, rgb_image, stats, write
+from tests.shards.helpers import image_bytes, read_split, rgb_image, stats, write
 
 Q = {"progress": False}
 

@@ -173,7 +173,7 @@ def test_unknown_option_is_rejected(tmp_path, capsys):
 
 def test_checkpoint_resubmits_the_same_run_with_resume_auto(tmp_path):
     cfg = resolve_runs(str(write_config(tmp_path, train={"resume": None})), [], []).configs[0]
-    task = TrainTask(cfg, target="tests.test_launch:standin_run")
+    task = TrainTask(cfg, target="tests.launch.test_launch:standin_run")
     delayed = task.checkpoint()
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
     new = delayed.function
@@ -213,7 +213,7 @@ def standin_run(cfg, env):
 
 def test_debug_executor_runs_the_task_in_process(tmp_path):
     cfg = resolve_runs(str(write_config(tmp_path)), [], []).configs[0]
-    job = submitit.DebugExecutor(tmp_path / "dbg").submit(TrainTask(cfg, target="tests.test_launch:standin_run"))
+    job = submitit.DebugExecutor(tmp_path / "dbg").submit(TrainTask(cfg, target="tests.launch.test_launch:standin_run"))
     assert job.result().status == "finished"
     seen = json.loads((cfg.run.dir / "seen_rank0.json").read_text())
     assert (seen["rank"], seen["world"], seen["env_rank"], seen["env_world"]) == (0, 1, "0", "1")
@@ -239,7 +239,7 @@ def test_slurm_array_sweep_with_requeue_through_fake_slurm(tmp_path, capsys, fak
     cfg = write_config(tmp_path)
     code, out, err = run_cli(
         ["slurm", "--config", str(cfg), "--nodes", "1", "--gpus-per-node", "2", "--partition", "p",
-         "--time", "1:00:00", "--target", "tests.test_launch:standin_run", "train.resume=null", "--sweep", "optim.lr=0.1,0.2"],
+         "--time", "1:00:00", "--target", "tests.launch.test_launch:standin_run", "train.resume=null", "--sweep", "optim.lr=0.1,0.2"],
         capsys,
     )
     assert code == 0, err

@@ -11,7 +11,7 @@ from eval.evaluators.retrieval import caption_owners, retrieval_examples
 from eval.features import FeatureExtractor
 from eval.loaders import load_split
 from eval.runner import run_benchmark
-from tests.test_eval_toys import ToyBundle, write_benchmark, write_shards
+from tests.eval.test_toys import ToyBundle, write_benchmark, write_shards
 
 
 @pytest.fixture
