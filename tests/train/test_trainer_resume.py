@@ -1,5 +1,7 @@
-"""Kill ``python -m train`` with SIGKILL (also inside checkpoint writes), resume, and get the
-bit-identical weights of an uninterrupted run."""
+"""Kill ``python -m train`` with SIGKILL (inside a step, inside checkpoint writes, between
+checkpoints), resume, and get the bit-identical weights of an uninterrupted run — with every
+switch that draws randomness on: patch dropout, augmentation, random caption sampling,
+loader workers, accumulation, both losses, shards and synthetic sources, 1 and 2 ranks."""
 
 from __future__ import annotations
 
@@ -21,13 +23,21 @@ STEPS = 16
 STEP_LINE = re.compile(rf"step (\d+)/{STEPS}\b")
 
 
-def write_config(path: Path, data: dict) -> Path:
+RANDOM = {"model": {"patch_dropout": 0.5}, "train": {"accum_steps": 2}}
+"""Switches that draw randomness (augmentation and random captions are on by default)."""
+SIGLIP = {"loss": {"kind": "siglip"}, "model": {"patch_dropout": 0.5, "init_logit_bias": -10.0}}
+
+
+def write_config(path: Path, data: dict, extra: dict | None = None) -> Path:
+    extra = extra or {}
     base = {
         "run": {"root": str(path.parent), "name": "unused"},
-        "model": {"name": "orbit-micro"},
-        "data": {"batch_size": 8, "synthetic_samples": 64, "synthetic_image_size": 32, **data},
+        "model": {"name": "orbit-micro", **extra.get("model", {})},
+        "data": {"batch_size": 8, "synthetic_samples": 64, "synthetic_image_size": 32,
+                 "caption_sampling": "random", **data},
+        "loss": extra.get("loss", {"kind": "clip"}),
         "optim": {"warmup_steps": 2},
-        "train": {"steps": STEPS, "checkpoint_every": 3, "log_every": 1, "progress": False},
+        "train": {"steps": STEPS, "checkpoint_every": 3, "log_every": 1, "progress": False, **extra.get("train", {})},
     }
     path.write_text(yaml.safe_dump(base))
     return path
@@ -76,7 +86,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
-    config = write_config(tmp_path / "cfg.yaml", {"source": "synthetic", "workers": 0})
+    config = write_config(tmp_path / "cfg.yaml", {"source": "synthetic", "workers": 0}, RANDOM)
     base_dir, run_dir = tmp_path / "base", tmp_path / "run"
     baseline = start(config, base_dir)  # runs alongside the interrupted chain
     # 1) killed after checkpoint 6 is written but before it is renamed: latest stays at 3.
@@ -120,15 +130,63 @@ def tiny_shards(tmp_path_factory) -> Path:
     return out
 
 
-def test_shards_with_workers_sigkill_resume_is_bit_identical(tmp_path, tiny_shards):
+@pytest.mark.parametrize("workers, extra", [(1, {**RANDOM, "train": {"accum_steps": 1}}), (2, SIGLIP)],
+                         ids=["clip-1worker", "siglip-2workers"])
+def test_shards_with_workers_sigkill_resume_is_bit_identical(tmp_path, tiny_shards, workers, extra):
+    """The issue's case: patch dropout, shards, a loader worker — killed right after a checkpoint."""
     config = write_config(tmp_path / "cfg.yaml", {
-        "source": "shards", "workers": 2, "shuffle_buffer": 16, "prefetch_factor": 2,
+        "source": "shards", "workers": workers, "shuffle_buffer": 16, "prefetch_factor": 2,
         "shards": [{"path": str(tiny_shards), "split": "train"}],
-    })
+    }, extra)
     base_dir, run_dir = tmp_path / "base", tmp_path / "run"
     baseline = start(config, base_dir)
     kill_at_step(start(config, run_dir), 5)
     assert latest(run_dir) in {"step_0000003", "step_0000006"}
     finish(start(config, run_dir), 0)
+    finish(baseline, 0)
+    assert_same_weights(run_dir, base_dir)
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids of ``pid`` (torchrun's workers run in sessions of their own)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return sorted(kids)
+
+
+def start_two_ranks(config: Path, run_dir: Path, steps: int) -> subprocess.Popen:
+    from tests.distutil import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop(ABORT_ENV, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "train", "--config", str(config), f"run.root={run_dir.parent}", f"run.name={run_dir.name}",
+           f"train.steps={steps}"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_two_ranks_sigkill_inside_a_step_then_resume_is_bit_identical(tmp_path):
+    config = write_config(tmp_path / "cfg.yaml", {"source": "synthetic", "workers": 0, "batch_size": 4}, SIGLIP)
+    base_dir, run_dir = tmp_path / "base", tmp_path / "run"
+    steps = 60
+    baseline = start_two_ranks(config, base_dir, steps)
+    proc = start_two_ranks(config, run_dir, steps)
+    for line in proc.stderr:  # one rank dies by SIGKILL mid-step (a lost node); torchrun ends the job
+        if (m := re.search(rf"step (\d+)/{steps}\b", line)) and int(m.group(1)) >= 7:
+            os.kill(_children(proc.pid)[-1], signal.SIGKILL)
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    killed_at = int(latest(run_dir).split("_")[1])
+    assert 6 <= killed_at < steps, killed_at
+    finish(start_two_ranks(config, run_dir, steps), 0)
     finish(baseline, 0)
     assert_same_weights(run_dir, base_dir)

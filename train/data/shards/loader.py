@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from train.data.augment import Transform
 from train.core.config import DataConfig
+from train.core.rng import stable_seed
 from train.core.configbase import ConfigError
 from train.data.batch import Batch, Tokenizer, TrainLoader
 from train.core.distenv import DistEnv
@@ -153,9 +154,13 @@ class ShardTrainLoader(TrainLoader):
                 source: Iterator = iter(stream)
             else:
                 d = self._d
+                # Its own generator: building a DataLoader draws a base seed, and from the global
+                # generator that draw would shift patch dropout's stream on resume (the loader is
+                # built at the first batch, after the RNG state was restored).
+                seed = torch.Generator().manual_seed(stable_seed("dataloader", self.seed, epoch, self.rank))
                 source = iter(DataLoader(
                     stream, batch_size=None, num_workers=self.workers, prefetch_factor=d.prefetch_factor,
-                    pin_memory=d.pin_memory and torch.cuda.is_available(),
+                    pin_memory=d.pin_memory and torch.cuda.is_available(), generator=seed,
                 ))
             for batch, meta in source:
                 self._advance(meta)
