@@ -143,6 +143,56 @@ def test_nan_loss_stops_with_step_and_keys(tmp_path, monkeypatch):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000004"
 
 
+class _Poison:
+    """Puts a NaN into the images of the given steps' batches (the real engine then sees a NaN
+    loss and NaN gradients) and snapshots the weights around those steps."""
+
+    def __init__(self, monkeypatch, steps: set[int]):
+        import train.trainer
+
+        real = train.trainer.build_engine
+        self.calls, self.unchanged, self.finite = 0, {}, {}
+
+        def build(*args, **kwargs):
+            engine = real(*args, **kwargs)
+            step = engine.step
+
+            def wrapped(batch):
+                self.calls += 1
+                if self.calls not in steps:
+                    return step(batch)
+                batch.images[0, 0, 0, 0] = float("nan")
+                before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+                out = step(batch)
+                after = engine.model.state_dict()
+                self.unchanged[self.calls] = all(torch.equal(before[k], after[k]) for k in before)
+                self.finite[self.calls] = float(out["finite"])
+                return out
+
+            engine.step = wrapped
+            return engine
+
+        monkeypatch.setattr(train.trainer, "build_engine", build)
+
+
+def test_a_nonfinite_step_is_skipped_on_the_device_and_counted(tmp_path, monkeypatch):
+    poison = _Poison(monkeypatch, {3})
+    result = run(micro_cfg(tmp_path / "run", "train.steps=6", "train.max_nonfinite_steps=2"))
+    assert result.status == "finished" and result.step == 6
+    assert poison.unchanged == {3: True} and poison.finite == {3: 0.0}  # the update was skipped
+    logged = scalars(tmp_path / "run")
+    assert [v for _, v in logged["train/skipped_steps"]][-1] == 1.0
+    assert all(math.isfinite(v) for _, v in logged["train/loss"])  # the NaN step is left out of the means
+    assert all(torch.isfinite(v).all() for v in final_state(tmp_path / "run").values())
+
+
+def test_n_nonfinite_steps_in_a_row_stop_the_run_naming_them(tmp_path, monkeypatch):
+    poison = _Poison(monkeypatch, {3, 4})
+    with pytest.raises(NonFiniteLossError, match=r"at 2 step\(s\) in a row, from step 3"):
+        run(micro_cfg(tmp_path / "run", "train.steps=8", "train.max_nonfinite_steps=2", "train.log_every=4"))
+    assert poison.unchanged == {3: True, 4: True}
+
+
 def test_main_cli_errors(tmp_path, capsys):
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
@@ -185,3 +235,22 @@ def test_metrics_reduced_across_two_ranks(tmp_path):
     single = run(micro_cfg(tmp_path / "w1", "train.steps=2", "train.log_every=1", "data.batch_size=8"))
     full = [v for _, v in scalars(single.run_dir)["train/loss"]]
     assert out[0]["losses"] == pytest.approx(full, rel=1e-5, abs=1e-6)
+
+
+def test_pictures_reach_tensorboard(tmp_path):
+    """Training samples once at the start; each evaluation's confusion matrix and retrieval examples."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    run(micro_cfg(run_dir, "train.steps=4", "eval.every=2", "eval.benchmarks=[demo]"))
+    images: dict[str, list[int]] = {}
+    for events in sorted((run_dir / "tb").glob("events.*")):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["images"]:
+            images.setdefault(tag, []).extend(e.step for e in acc.Images(tag))
+    assert images["train/samples"] == [0]
+    assert images["eval/demo/confusion"] == [2, 4]
+    assert images["eval/demo/retrieval_examples"] == [2, 4]
+    sample = acc.Images("train/samples")[0]
+    assert sample.width >= 32 * 2 and sample.height >= 32  # a grid of the 8 augmented 32 px samples

@@ -190,3 +190,45 @@ def test_two_ranks_sigkill_inside_a_step_then_resume_is_bit_identical(tmp_path):
     finish(start_two_ranks(config, run_dir, steps), 0)
     finish(baseline, 0)
     assert_same_weights(run_dir, base_dir)
+
+
+_FAIL_RANK0 = '''
+import os
+if os.environ.get("RANK") == "0":
+    import eval.registry as registry
+
+    real_get = registry.get
+
+    def get(name):
+        ev = real_get(name)
+
+        def fail(ctx, opts):
+            raise RuntimeError("injected evaluator failure on rank 0")
+            yield
+
+        return registry.Evaluator(ev.name, ev.options, fail, ev.needs_labels, ev.needs_captions)
+
+    registry.get = get
+'''
+
+
+@pytest.mark.slow
+def test_an_evaluator_failing_on_one_rank_ends_every_rank_promptly(tmp_path):
+    import time
+
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(_FAIL_RANK0)
+    config = write_config(tmp_path / "cfg.yaml", {"source": "synthetic", "workers": 0, "batch_size": 4})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path / 'inject'}:{ROOT}"}
+    from tests.distutil import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "train", "--config", str(config), f"run.root={tmp_path}", "run.name=r", "train.steps=4",
+           "eval.every=2", "eval.benchmarks=[demo]"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "evaluation at step 2 failed on rank(s) [0]: rank 0: RuntimeError: injected evaluator failure" in proc.stderr
+    assert proc.stderr.count("injected evaluator failure on rank 0") >= 2  # both ranks say why
+    assert elapsed < 120, elapsed  # seconds of start-up and two steps, not an NCCL/gloo timeout (30 min)

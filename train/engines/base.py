@@ -20,7 +20,9 @@ from torch import nn
 from train.core import collectives
 from train.core.collectives import Comm
 from train.core.config import Config, DeepSpeedConfig, LossConfig, OptimConfig, TrainConfig
+from train.core.configbase import ConfigError
 from train.core.distenv import DistEnv
+from train.objective.feature_cache import check_cacheable
 
 
 @runtime_checkable
@@ -91,6 +93,18 @@ class EngineParts:
             device=torch.device(device), comm=comm or collectives.current(), train=cfg.train, optim=cfg.optim,
             loss=cfg.loss, batch_size=cfg.data.batch_size, run_dir=cfg.run.dir, deepspeed=cfg.deepspeed,
         )
+
+
+def check_parts(parts: EngineParts) -> None:
+    """What every engine refuses: ``accum_steps < 1``, and accumulation over BatchNorm towers.
+
+    Raises:
+        ConfigError: naming the setting and the way out.
+    """
+    if parts.train.accum_steps < 1:
+        raise ConfigError(f"train.accum_steps must be >= 1, got {parts.train.accum_steps}")
+    if parts.train.accum_steps > 1:
+        check_cacheable(parts.model)
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -19,7 +19,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.nn.parallel import DistributedDataParallel
 
 from train.core.rundir import CheckpointDir
-from train.engines.base import EngineParts, autocast_factory, register_engine
+from train.engines.base import EngineParts, autocast_factory, check_parts, register_engine
 from train.objective import ForwardOptions, forward_backward
 from train.objective.loss import clamp_logit_scale_
 
@@ -48,8 +48,7 @@ class DDPEngine:
 
     def __init__(self, parts: EngineParts) -> None:
         t = parts.train
-        if t.accum_steps < 1:
-            raise ValueError(f"train.accum_steps must be >= 1, got {t.accum_steps}")
+        check_parts(parts)
         self.env, self.device, self.comm = parts.env, torch.device(parts.device), parts.comm
         self.model = parts.model.to(self.device)
         self.optimizer, self.scheduler, self.loss_fn = parts.optimizer, parts.scheduler, parts.loss_fn

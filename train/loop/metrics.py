@@ -149,6 +149,7 @@ class MetricLogger:
         flags = dict(flags or {})
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         agreed = self._reduce_flags(flags)
+        peak = agreed.pop("_peak_mem_gb")
         if not self._outputs:
             return agreed
         names = sorted(self._outputs[0])
@@ -161,16 +162,16 @@ class MetricLogger:
         self._outputs, self._steps, self._keys, self._wait = [], [], [], 0.0
         self._t0 = time.perf_counter()
         self._check_finite(rows, steps, keys)
-        good = [r for r in rows if self._finite(r)] or rows
-        self.last = {k: sum(r[k] for r in good) / len(good) for k in names if k != "finite"}
-        self.last.update(samples_per_s=self.global_batch * n / elapsed, data_wait_frac=values[-1],
-                         peak_mem_gb=agreed.pop("_peak_mem_gb"), skipped_steps=float(self.skipped_steps))
+        good = [r for r in rows if self._finite(r)]  # skipped steps stay out of the means
+        means = {k: sum(r[k] for r in good) / len(good) for k in names if k != "finite"} if good else {}
+        self.last = {**means, "samples_per_s": self.global_batch * n / elapsed, "data_wait_frac": values[-1],
+                     "peak_mem_gb": peak, "skipped_steps": float(self.skipped_steps)}
         self._write(steps[-1], self.last, "train")
         if self.comm.rank == 0:
             line = " | ".join(f"{k} {v:.4g}" for k, v in self.last.items())
             log.info("step %d/%d | %s", steps[-1], self.total_steps, line)
             if self.bar is not None:
-                self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", refresh=False)
+                self.bar.set_postfix(loss=f"{self.last.get('loss', float('nan')):.4f}", refresh=False)
         return agreed
 
     def _reduce_flags(self, flags: dict[str, bool]) -> dict[str, Any]:

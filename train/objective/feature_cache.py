@@ -23,8 +23,28 @@ import contextlib
 import torch
 from torch import nn
 
+from train.core.configbase import ConfigError
 from train.core.rng import capture_device, restore_device
 from train.objective.forward import ForwardOptions, LossFn, backward_pairs, encode
+
+
+def check_cacheable(model: nn.Module) -> None:
+    """Refuse models whose forward depends on how the batch is cut: BatchNorm in training mode.
+
+    Each micro-batch would normalize with its own statistics (not the full batch's) and the
+    running statistics would be updated twice per micro-batch (cache and re-forward).
+
+    Raises:
+        ConfigError: naming the first such layer and the ways out.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ConfigError(
+                f"train.accum_steps > 1 with BatchNorm in training mode ({name}): micro-batches would "
+                "use their own batch statistics, not the full batch's, and update the running statistics "
+                "twice; use train.accum_steps=1, or freeze the tower's BatchNorm (model.lock_image=true "
+                "with model.lock_image_freeze_bn_stats=true)"
+            )
 
 
 def cached_forward_backward(

@@ -155,7 +155,7 @@ def test_zero3_with_feature_cache_is_refused(tmp_path):
     from train.engines.deepspeed.engine import DeepSpeedEngine
 
     cfg = make_cfg(tmp_path, "deepspeed", 3, accum=2)
-    with pytest.raises(NotImplementedError, match="accum_steps=2"):
+    with pytest.raises(ConfigError, match="accum_steps=2"):
         DeepSpeedEngine(EngineParts.from_config(cfg, torch.nn.Linear(2, 2), None, None, DistEnv(), "cpu"))  # type: ignore[arg-type]
 
 

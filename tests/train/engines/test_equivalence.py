@@ -345,3 +345,25 @@ def test_custom_backward_hook_sees_every_backward():
         model.zero_grad(set_to_none=True)
     assert calls == [2, 3]  # micro 0: image+text; last micro also the logit scale
     assert _grad_rel({k: v / 2 for k, v in grads["doubled"].items()}, grads["default"]) < 1e-6
+
+
+def test_accumulation_over_batchnorm_is_refused_unless_frozen():
+    """Micro-batch statistics are not the full batch's: refuse, naming the layer and the way out."""
+    from train.core.configbase import ConfigError
+
+    class BNTower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.visual = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+
+    cfg = Config()
+    cfg.train.accum_steps = 2
+    model = BNTower()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match=r"BatchNorm in training mode \(visual.1\).*lock_image_freeze_bn_stats"):
+        build_engine("ddp", EngineParts.from_config(cfg, model, opt, None, DistEnv(), "cpu"))
+    cfg.train.accum_steps = 1  # no feature cache: the batch is the batch
+    assert isinstance(build_engine("ddp", EngineParts.from_config(cfg, model, opt, None, DistEnv(), "cpu")), DDPEngine)
+    model.visual[1].eval()  # frozen statistics (what lock_image_freeze_bn_stats does)
+    cfg.train.accum_steps = 2
+    assert isinstance(build_engine("ddp", EngineParts.from_config(cfg, model, opt, None, DistEnv(), "cpu")), DDPEngine)

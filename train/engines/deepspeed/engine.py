@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from train.core.configbase import ConfigError
 from train.core.rundir import CheckpointDir
-from train.engines.base import EngineParts, register_engine, resolve_precision
+from train.engines.base import EngineParts, check_parts, register_engine, resolve_precision
 from train.engines.ddp import grad_norm_, supports_device_skip
 from train.engines.deepspeed.config import build_ds_config, write_ds_config
 from train.engines.deepspeed.params import assert_no_scalar_params, restore_scalar_shapes, vectorize_scalar_params
@@ -65,12 +66,11 @@ class DeepSpeedEngine:
     def __init__(self, parts: EngineParts, write_config: bool = True) -> None:
         deepspeed = _ds()
         t = parts.train
-        if t.accum_steps < 1:
-            raise ValueError(f"train.accum_steps must be >= 1, got {t.accum_steps}")
+        check_parts(parts)
         if parts.deepspeed.zero_stage == 3 and t.accum_steps > 1:
             # Measured (tests): step 0 matches DDP, later steps' gradients differ by ~0.3% on
             # deepspeed 0.19.7. Refuse rather than train subtly wrong.
-            raise NotImplementedError(
+            raise ConfigError(
                 f"train.engine=deepspeed with deepspeed.zero_stage=3 and train.accum_steps={t.accum_steps} "
                 "does not reproduce the full-batch gradient yet; use zero_stage 1/2 or train.accum_steps=1"
             )
