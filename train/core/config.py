@@ -60,7 +60,7 @@ class ShardSourceConfig:
     ``dir/{000000..000009}.tar``, or an img2dataset output folder. Each may be a local path
     or a URL: ``http(s)://`` (read with a timeout, see ``data.remote``), or ``s3://``,
     ``gs://`` and other fsspec URLs (needs fsspec's backend package, e.g. s3fs or gcsfs).
-    ``pipe:CMD`` (e.g. ``pipe:curl -s -L https://host/train-{000000..000009}.tar``) reads
+    ``pipe:CMD`` (e.g. ``pipe:curl -fsSL https://host/train-{000000..000009}.tar``) reads
     each tar from CMD's stdout; its sample counts come from ``sizes``."""
     split: str = "train"
     """Which split folder to read when ``path`` is a shards output folder."""

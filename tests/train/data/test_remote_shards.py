@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections import Counter
 from fnmatch import fnmatch
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -53,33 +54,34 @@ class ShardServer(ThreadingHTTPServer):
         """GET requests per file name."""
         self.unavailable: dict[str, int] = {}
         """File name -> 503 answers still to give."""
-        self.cut_rules: list[tuple[str, int, int]] = []
+        self.cut_rules: list[tuple[str, int, int, float]] = []
         self.cuts_done: Counter = Counter()
 
-    def cut(self, pattern: str, nbytes: int, times: int) -> None:
-        """The first ``times`` GETs of each file matching ``pattern`` close after ``nbytes`` of the body."""
-        self.cut_rules.append((pattern, nbytes, times))
+    def cut(self, pattern: str, nbytes: int, times: int, stall: float = 0.0) -> None:
+        """The first ``times`` GETs of each file matching ``pattern`` close after ``nbytes`` of
+        the body (after ``stall`` seconds of silence)."""
+        self.cut_rules.append((pattern, nbytes, times, stall))
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def plan(self, name: str) -> tuple[bool, int | None]:
-        """(answer 503?, bytes to send before closing) for a GET of ``name``."""
+    def plan(self, name: str) -> tuple[bool, tuple[int, float] | None]:
+        """(answer 503?, (bytes to send before closing, seconds of silence before)) for a GET of ``name``."""
         with self.lock:
             self.hits[name] += 1
             if self.unavailable.get(name, 0) > 0:
                 self.unavailable[name] -= 1
                 return True, None
-            for pattern, nbytes, times in self.cut_rules:
+            for pattern, nbytes, times, stall in self.cut_rules:
                 if fnmatch(name, pattern) and self.cuts_done[name] < times:
                     self.cuts_done[name] += 1
-                    return False, nbytes
+                    return False, (nbytes, stall)
         return False, None
 
 
 class _Handler(SimpleHTTPRequestHandler):
-    cut_after: int | None = None
+    cut_after: tuple[int, float] | None = None
 
     def log_message(self, *args: object) -> None:  # keep the test output readable
         pass
@@ -94,7 +96,10 @@ class _Handler(SimpleHTTPRequestHandler):
     def copyfile(self, source, outputfile) -> None:
         if self.cut_after is None:
             return super().copyfile(source, outputfile)
-        outputfile.write(source.read(self.cut_after))  # Content-Length promised more: a dropped transfer
+        nbytes, stall = self.cut_after
+        outputfile.write(source.read(nbytes))  # Content-Length promised more: a dropped transfer
+        outputfile.flush()
+        time.sleep(stall)
         self.close_connection = True
 
 
@@ -155,9 +160,11 @@ def test_http_forms_find_the_same_shards_and_counts(http, www):
     names = [Path(u).name for u in local.urls]
     folder = discover_source(ShardSourceConfig(path=f"{http.url}/data/"), FAST)
     assert folder.sizes == local.sizes and folder.urls[0] == f"{http.url}/data/train/{names[0]}"
+    split = discover_source(ShardSourceConfig(path=f"{http.url}/data/train"), FAST)  # sizes.json right there
+    assert split.urls == folder.urls and split.sizes == local.sizes
     brace = discover_source(ShardSourceConfig(path=pattern(http.url, www)), FAST)
     assert brace.sizes == local.sizes and [storage.file_name(u) for u in brace.urls] == names
-    assert http.hits["sizes.json"] == 2  # one read per source: counts of a pattern come from its folder's file
+    assert http.hits["sizes.json"] == 4  # folder: 1; .../train: 2 (its <split>/sizes.json is a 404); pattern: 1
     for sizes in (f"{http.url}/data/train/sizes.json", str(www / "data" / "train" / "sizes.json")):
         given = discover_source(ShardSourceConfig(path=pattern(http.url, www), sizes=sizes), FAST)
         assert given.sizes == local.sizes
@@ -195,11 +202,13 @@ def test_fsspec_urls_folder_listing_and_loader(www):
         fs.rm("/orbit", recursive=True)
 
 
-def test_missing_fsspec_backend_is_one_clear_error():
-    if importlib.util.find_spec("s3fs") is not None:
-        pytest.skip("s3fs is installed here")
-    with pytest.raises(storage.StorageError, match=r"s3:// needs the s3fs package \(pip install s3fs\)"):
-        discover_source(ShardSourceConfig(path="s3://bucket/data/"))
+@pytest.mark.parametrize("scheme,package", [("s3", "s3fs"), ("gs", "gcsfs")])
+def test_missing_fsspec_backend_is_one_clear_error(scheme, package):
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    message = fr"{scheme}:// needs the {package} package \(pip install {package}\)"
+    with pytest.raises(storage.StorageError, match=message):
+        discover_source(ShardSourceConfig(path=f"{scheme}://bucket/data/"))
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -227,6 +236,12 @@ def test_open_is_retried_but_a_started_stream_is_not(http, www):
     assert bytes(got) == body[:CUT] and reader.read(10240) == b"" and http.hits[name] == 1
     with pytest.raises(storage.StorageError, match=r"Connection refused.*after 3 tries"):
         storage.open_shard(f"http://127.0.0.1:{free_port()}/x.tar", FAST)
+    http.reset()
+    http.cut(name, CUT, times=1, stall=3.0)  # the server goes silent mid-transfer
+    reader = storage.open_shard(url, RemoteConfig(timeout=0.5, retries=0))
+    with pytest.raises(storage.StreamLost, match=f"timed out \\(after {CUT} bytes"):
+        while reader.read(10240):
+            pass
 
 
 def test_http_loader_equals_local_for_two_ranks_two_workers(http, www):
@@ -304,9 +319,9 @@ def test_resume_replays_a_connection_lost_before_the_checkpoint(http, www):
     assert fresh.stats == dl.stats and dl.stats["streams_lost"] == 1
 
 
-def test_pipe_commands(www, caplog):
+def test_pipe_commands(http, www, caplog):
     train = www / "data" / "train"
-    sizes = str(train / "sizes.json")
+    sizes = f"{http.url}/data/train/sizes.json"
     cmd = f"pipe:cat {train}/train-{{000000..{len(tar_names(www)) - 1:06d}}}.tar"
     assert pipe_shard_name("pipe:aws s3 cp s3://b/x/train-000003.tar -") == "train-000003.tar"
     with pytest.raises(ShardIndexError, match="cannot tell which tar"):
@@ -355,7 +370,8 @@ def _config(tmp: Path, shards: list[dict], steps: int = 4, **data) -> Path:
 
 def _start(config: Path, run_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "train", "--config", str(config), f"run.root={run_dir.parent}", f"run.name={run_dir.name}"]
+    cmd = [sys.executable, "-m", "train", "--config", str(config),
+           f"run.root={run_dir.parent}", f"run.name={run_dir.name}"]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

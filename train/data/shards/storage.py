@@ -44,8 +44,11 @@ log = logging.getLogger(__name__)
 Kind = Literal["local", "http", "fsspec", "pipe"]
 T = TypeVar("T")
 
-FIRST_READ = 1 << 16
-"""Bytes read while opening: a stream counts as open (no longer retried) once it delivered data."""
+FIRST_READ = 512
+"""Bytes asked for while opening (one tar block): a stream whose first bytes arrived counts as
+open and is no longer retried; nothing has been handed to the tar reader before that."""
+CHUNK = 1 << 20
+"""Read size of :meth:`ShardReader.read` without a size."""
 BACKEND_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs",
                     "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 """The pip package that gives fsspec each common protocol (named in the error when missing)."""
@@ -226,7 +229,7 @@ class _HttpBody:
         self.response, self.size = response, response.length
 
     def read(self, n: int) -> bytes:
-        return self.response.read(n)
+        return self.response.read1(n)  # what has arrived (one system call): a stall loses nothing received
 
     def end(self, received: int) -> None:
         if self.size is not None and received < self.size:
@@ -309,7 +312,7 @@ class ShardReader:
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all that is left for ``n < 0``); ``b""`` at the end or after a loss."""
         if n is None or n < 0:
-            return b"".join(iter(lambda: self.read(FIRST_READ), b""))
+            return b"".join(iter(lambda: self.read(CHUNK), b""))
         if self._pending:
             out, self._pending = self._pending[:n], self._pending[n:]
             return out

@@ -32,7 +32,7 @@ from train.data.decode import BadSample, decode_sample, decode_sample_into
 from train.core.rng import stable_seed
 from train.core.config import RemoteConfig
 from train.data.shards.index import ShardSet
-from train.data.shards.storage import StorageError, open_shard
+from train.data.shards.storage import ShardReader, StorageError, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +106,8 @@ def _read_segment(seg: Segment, reads: _Reads, seg_id: str) -> Iterator[dict]:
     (``reads.cuts``) was counted before the checkpoint and is not counted again.
     """
     counters, cut = reads.counters, reads.cuts.get(seg_id)
-    if cut == 0:
-        return
-    try:
-        reader = open_shard(seg.url, reads.remote)
-    except StorageError as e:
-        reads.cuts[seg_id] = 0
-        counters["shards_unavailable"] += 1
-        missing = _unread(seg, 0)
-        counters["skipped/shard_unavailable"] += missing or 0
-        log.warning("cannot open %s, %s samples of it skipped (skipped/shard_unavailable): %s",
-                    seg.url, "all" if missing is None else missing, e)
+    reader = None if cut == 0 else _open_counted(seg, reads, seg_id)
+    if reader is None:
         return
 
     def handler(exn: Exception) -> bool:
@@ -141,16 +132,36 @@ def _read_segment(seg: Segment, reads: _Reads, seg_id: str) -> Iterator[dict]:
             i += 1
             if cut is not None and i >= cut:
                 return  # a loss met before the resume: stop where that stream stopped, read no further
-    missing = _unread(seg, i)
+    _count_end(seg, reads, seg_id, reader, i)
+
+
+def _open_counted(seg: Segment, reads: _Reads, seg_id: str) -> ShardReader | None:
+    """The tar's reader, or None (counted, logged, recorded for resume) if it cannot be opened."""
+    try:
+        return open_shard(seg.url, reads.remote)
+    except StorageError as e:
+        reads.cuts[seg_id] = 0
+        missing = _unread(seg, 0)
+        reads.counters["shards_unavailable"] += 1
+        reads.counters["skipped/shard_unavailable"] += missing or 0
+        log.warning("cannot open %s, %s samples of it skipped (skipped/shard_unavailable): %s",
+                    seg.url, "all" if missing is None else missing, e)
+        return None
+
+
+def _count_end(seg: Segment, reads: _Reads, seg_id: str, reader: ShardReader, read: int) -> None:
+    """Count (and log once) what a tar that ended after ``read`` samples did not deliver."""
+    missing = _unread(seg, read)
     if reader.lost:
-        reads.cuts[seg_id] = i
-        counters["streams_lost"] += 1
-        counters["skipped/connection_lost"] += missing or 0
+        reads.cuts[seg_id] = read
+        reads.counters["streams_lost"] += 1
+        reads.counters["skipped/connection_lost"] += missing or 0
         log.warning("lost %s after %d bytes (%s): %s of its samples not read (skipped/connection_lost); "
-                    "training goes on", seg.url, reader.received, reader.lost, "the rest" if missing is None else missing)
+                    "training goes on", seg.url, reader.received, reader.lost,
+                    "the rest" if missing is None else missing)
     elif missing:
-        counters["short_shard"] += missing
-        log.warning("%s has %d samples, sizes say %d", seg.url, i, seg.size)
+        reads.counters["short_shard"] += missing
+        log.warning("%s has %d samples, sizes say %d", seg.url, read, seg.size)
 
 
 def _unread(seg: Segment, read: int) -> int | None:
