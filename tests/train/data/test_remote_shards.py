@@ -271,6 +271,19 @@ def test_dropped_connection_is_counted_and_every_rank_gets_its_batches(http, www
     assert stats.keys() <= {"streams_lost", "skipped/connection_lost", "repeated"}, stats
 
 
+def test_a_tar_that_cannot_be_opened_is_counted_and_skipped(http, www, caplog):
+    cfg = remote_cfg([f"{http.url}/data/"], batch=8, workers=0)
+    gone = first_tar(cfg, www)
+    http.unavailable[gone] = 1000  # 503 on every GET, beyond the retries
+    dl = loader(cfg)
+    keys = [k for b in take(iter(dl), dl.steps_per_epoch) for k in b.keys]
+    assert len(keys) == 72 and http.hits[gone] >= 3  # the epoch is whole; the open was tried 1 + 2 times
+    with tarfile.open(www / "data" / "train" / gone) as tar:
+        assert not {m.name.split(".", 1)[0] for m in tar.getmembers()} & set(keys)
+    assert dl.stats["shards_unavailable"] >= 1 and dl.stats["skipped/shard_unavailable"] >= 12
+    assert f"cannot open {http.url}/data/train/{gone}, 12 samples of it skipped" in caplog.text
+
+
 def test_the_sample_being_read_when_a_stream_breaks_is_dropped(http, www):
     name = tar_names(www)[0]
     with tarfile.open(www / "data" / "train" / name) as tar:
