@@ -57,11 +57,21 @@ class ShardSourceConfig:
 
     path: str = ""
     """A shards output folder (uses its ``<split>/`` tars and sizes.json), a brace pattern
-    ``dir/{000000..000009}.tar``, or an img2dataset output folder."""
+    ``dir/{000000..000009}.tar``, or an img2dataset output folder. Each may be a local path
+    or a URL: ``http(s)://`` (read with a timeout, see ``data.remote``), or ``s3://``,
+    ``gs://`` and other fsspec URLs (needs fsspec's backend package, e.g. s3fs or gcsfs).
+    ``pipe:CMD`` (e.g. ``pipe:curl -fsSL https://host/train-{000000..000009}.tar``) reads
+    each tar from CMD's stdout; its sample counts come from ``sizes``."""
     split: str = "train"
     """Which split folder to read when ``path`` is a shards output folder."""
     weight: float = 1.0
     """Relative sampling weight when mixing sources."""
+    sizes: str | None = None
+    """A sizes.json (local path or URL: ``{"train-000000.tar": n, ...}``) that gives the
+    sample count of each tar of a brace pattern or ``pipe:`` command, by tar file name,
+    instead of discovering them next to the tars. ``pipe:`` sources need it for the exact
+    per-(rank, worker) split; without it they only run with ``data.resampled=true`` and
+    ``data.samples_per_epoch`` (shards drawn uniformly, epochs nominal)."""
 
 
 @dataclass
@@ -79,6 +89,21 @@ class AugmentConfig:
     color_jitter: float = 0.0
     """Strength of brightness/contrast/saturation jitter (0 = off)."""
     hue_jitter: float = 0.0
+
+
+@dataclass
+class RemoteConfig:
+    """How shards and sizes files behind URLs (http(s), fsspec, ``pipe:``) are read."""
+
+    timeout: float = 60.0
+    """Seconds to wait for a connection and for each read; a read that stalls longer counts
+    as a lost connection (its samples are counted and the shard is left)."""
+    retries: int = 4
+    """Retries of a failed *open* (refused or reset connection, timeout, HTTP 5xx/408/429, a
+    command that fails before its first byte). A stream that has delivered data is never
+    re-opened: if it breaks, the samples it did not deliver are counted."""
+    retry_wait: float = 1.0
+    """Seconds before the first retry; doubled after each."""
 
 
 @dataclass
@@ -109,6 +134,8 @@ class DataConfig:
     prefetch_factor: int = 4
     pin_memory: bool = True
     """Pinned host memory for batches (only used with CUDA)."""
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+    """Timeouts and retries for shards read over a network."""
 
 
 @dataclass
@@ -243,6 +270,12 @@ class Config:
             raise ConfigError("data.source=shards needs at least one entry in data.shards")
         if self.loss.kind == "siglip" and self.model.init_logit_bias is None:
             raise ConfigError("loss.kind=siglip needs model.init_logit_bias (e.g. -10)")
+        r = self.data.remote
+        if r.timeout <= 0 or r.retries < 0 or r.retry_wait < 0:
+            raise ConfigError(
+                f"data.remote needs timeout > 0, retries >= 0 and retry_wait >= 0, got "
+                f"timeout={r.timeout}, retries={r.retries}, retry_wait={r.retry_wait}"
+            )
         if self.deepspeed.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage must be 0..3, got {self.deepspeed.zero_stage}")
 
@@ -259,5 +292,5 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 __all__ = [
     "AugmentConfig", "Config", "DataConfig", "DeepSpeedConfig", "EvalConfig", "LossConfig", "ModelConfig",
-    "OptimConfig", "RunConfig", "ShardSourceConfig", "TrainConfig", "load_config", "save_config",
+    "OptimConfig", "RemoteConfig", "RunConfig", "ShardSourceConfig", "TrainConfig", "load_config", "save_config",
 ]

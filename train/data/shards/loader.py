@@ -28,10 +28,23 @@ from train.core.configbase import ConfigError
 from train.data.batch import Batch, Tokenizer, TrainLoader
 from train.core.distenv import DistEnv
 from train.data.shards.plan import batches_done
-from train.data.shards.index import discover_source
+from train.data.shards.index import ShardSet, discover_source
 from train.data.shards.stream import ShardStream, StreamSpec
 
 log = logging.getLogger(__name__)
+
+
+def _check_counts(sources: tuple[ShardSet, ...], d: DataConfig) -> None:
+    """Sources without sample counts (``pipe:`` without a sizes file) cannot be cut into exact
+    per-(rank, worker) ranges; resampled training draws whole shards and needs only the epoch
+    length."""
+    unknown = [s.name for s in sources if not s.sizes]
+    if unknown and not (d.resampled and d.samples_per_epoch):
+        raise ConfigError(
+            f"data.shards: the sample counts of {unknown[0]} are unknown (a pipe: command cannot be "
+            "looked into): give data.shards[].sizes (a sizes.json path or URL) for the exact split, "
+            "or set data.resampled=true and data.samples_per_epoch"
+        )
 
 
 class ShardTrainLoader(TrainLoader):
@@ -43,7 +56,8 @@ class ShardTrainLoader(TrainLoader):
         if any(s.weight < 0 for s in d.shards) or sum(s.weight for s in d.shards) <= 0:
             weights = [s.weight for s in d.shards]
             raise ConfigError(f"data.shards weights must be >= 0 with a positive sum, got {weights}")
-        self.sources = tuple(discover_source(s) for s in d.shards if s.weight > 0)
+        self.sources = tuple(discover_source(s, d.remote) for s in d.shards if s.weight > 0)
+        _check_counts(self.sources, d)
         self.tokenizer, self.transform = tokenizer, transform
         self.rank, self.world = env.rank, env.world_size
         self.workers = max(1, d.workers)
@@ -75,6 +89,7 @@ class ShardTrainLoader(TrainLoader):
         self._epoch, self._done = epoch, 0
         self._cursors = [0] * self.workers
         self._counters: list[dict] = [{} for _ in range(self.workers)]
+        self._cuts: list[dict] = [{} for _ in range(self.workers)]
 
     def _fingerprint(self) -> dict:
         return {
@@ -88,6 +103,7 @@ class ShardTrainLoader(TrainLoader):
         return {
             "kind": "shards", "rank": self.rank, "epoch": self._epoch, "batches": self._done,
             "cursors": list(self._cursors), "counters": [dict(c) for c in self._counters],
+            "cuts": [dict(c) for c in self._cuts],
             "totals": dict(self._totals), "config": self._fingerprint(),
         }
 
@@ -109,6 +125,7 @@ class ShardTrainLoader(TrainLoader):
         if state.get("rank") == self.rank:
             self._cursors = [int(c) for c in state["cursors"]]
             self._counters = [dict(c) for c in state["counters"]]
+            self._cuts = [dict(c) for c in state.get("cuts", self._cuts)]
         else:
             log.warning("data state from rank %s loaded on rank %d: assuming no skipped samples here",
                         state.get("rank"), self.rank)
@@ -132,6 +149,7 @@ class ShardTrainLoader(TrainLoader):
             workers=self.workers, batch_size=self.batch_size, steps=self.steps_per_epoch,
             resampled=d.resampled, shuffle_buffer=d.shuffle_buffer, caption_mode=d.caption_sampling,
             start_batches=self._done, cursors=tuple(self._cursors), counters=tuple(self._counters),
+            cuts=tuple(self._cuts), remote=d.remote,
         )
 
     def _advance(self, meta: dict) -> None:
@@ -140,6 +158,7 @@ class ShardTrainLoader(TrainLoader):
             raise RuntimeError(f"batch from worker {meta['worker']}, expected worker {expected}")
         self._cursors[meta["worker"]] = meta["cursor"]
         self._counters[meta["worker"]] = meta["counters"]
+        self._cuts[meta["worker"]] = meta["cuts"]
         self._done += 1
         if self._done == self.steps_per_epoch:
             for c in self._counters:

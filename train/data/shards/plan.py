@@ -28,12 +28,18 @@ from train.core.rng import stable_seed
 
 @dataclass(frozen=True)
 class Segment:
-    """Samples ``[start, stop)`` (positions within the tar) of shard ``url`` of size ``size``."""
+    """Samples ``[start, stop)`` (positions within the tar) of shard ``url`` of size ``size``;
+    ``stop = size = None``: the whole tar, whose count is unknown (resampled ``pipe:`` shards)."""
 
     url: str
     start: int
-    stop: int
-    size: int
+    stop: int | None
+    size: int | None
+
+    @classmethod
+    def whole(cls, url: str, size: int | None) -> "Segment":
+        """All samples of a tar."""
+        return cls(url, 0, size, size)
 
 
 def worker_batches(steps: int, workers: int, worker: int) -> int:
