@@ -3,8 +3,8 @@
 Each section instance of a loaded config is switched to a subclass that records which
 fields are read (reads by the config machinery itself — ``to_dict`` for config.yaml and
 checkpoints, ``dataclasses`` — do not count). Then the product runs the way users run it:
-a training run on synthetic scenes with evaluation, one on shards with a worker process,
-and the DeepSpeed configuration. A field nobody reads would be a documented switch that
+a training run on synthetic scenes with evaluation, one on local shards with a worker
+process, one on the same shards over HTTP, and the DeepSpeed configuration. A field nobody reads would be a documented switch that
 silently does nothing.
 """
 
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.train.data.test_remote_shards import ShardServer
 from tests.train.test_trainer import micro_cfg
 from train.core.config import Config, ShardSourceConfig
 from train.core.distenv import DistEnv
@@ -84,7 +86,23 @@ def test_every_config_key_is_read(tmp_path):
                     "data.workers=1", f"data.shards=[{{path: {shards}}}]", "model.lock_image=true")
     track(cfg, "", reads)
     run(cfg, DistEnv())
-    # 3) the DeepSpeed engine's configuration.
+    # 3) the same shards over HTTP, as a brace pattern with its sizes.json named; every tar
+    #    answers 503 once (the open is retried).
+    server = ShardServer(shards)
+    server.unavailable = {p.name: 1 for p in (shards / "train").glob("*.tar")}
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/train"
+        n = len(list((shards / "train").glob("*.tar")))
+        url = f"{base}/train-{{000000..{n - 1:06d}}}.tar"
+        cfg = micro_cfg(tmp_path / "http", "train.steps=2", "data.source=shards", "data.workers=0",
+                        f"data.shards=[{{path: '{url}', sizes: '{base}/sizes.json'}}]", "data.remote.retry_wait=0.01")
+        track(cfg, "", reads)
+        run(cfg, DistEnv())
+    finally:
+        server.shutdown()
+        server.server_close()
+    # 4) the DeepSpeed engine's configuration.
     cfg = micro_cfg(tmp_path / "ds", "train.engine=deepspeed", "train.steps=2")
     track(cfg, "", reads)
     build_ds_config(cfg.deepspeed, cfg.data.batch_size, cfg.optim.clip_grad_norm, False, 1)
