@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.distutil import run_distributed
-from train import gather
+from train.objective import gather
 from train.core.config import LossConfig
 from train.objective.loss import ClipLoss, SigLipLoss, build_loss, clamp_logit_scale_
 
