@@ -62,6 +62,8 @@ class ShardSourceConfig:
     """Which split folder to read when ``path`` is a shards output folder."""
     weight: float = 1.0
     """Relative sampling weight when mixing sources."""
+    build: str | None = None
+    """The command that builds this source; the error for a missing ``path`` shows it."""
 
 
 @dataclass

@@ -94,6 +94,13 @@ def _counts_for(tars: list[Path]) -> list[int]:
     return counts
 
 
+def _missing_folder(src: ShardSourceConfig) -> str:
+    """One line: what is missing (relative paths are the current directory's) and how to build it."""
+    where = "" if Path(src.path).is_absolute() else f" (relative to the current directory {Path.cwd()})"
+    how = src.build or f"python -m shards build --source ... --output {src.path}"
+    return f"training shards {src.path} not found{where}; build them first: {how}"
+
+
 def discover_source(src: ShardSourceConfig) -> ShardSet:
     """Resolve one ``data.shards`` entry into its shard list and counts.
 
@@ -107,10 +114,13 @@ def discover_source(src: ShardSourceConfig) -> ShardSet:
         tars = [Path(u) for u in wds.shardlists.expand_urls(path)]
         missing = [str(t) for t in tars if not t.is_file()]
         if missing:
-            raise ShardIndexError(f"{len(missing)} shard(s) of {path} do not exist, e.g. {missing[0]}")
+            raise ShardIndexError(f"{len(missing)} shard(s) of {path} do not exist, e.g. {missing[0]}"
+                                  + (f"; build them with: {src.build}" if src.build else ""))
         urls, counts = [str(t) for t in tars], _counts_for(tars)
     else:
         root = Path(path)
+        if not root.exists():
+            raise ShardIndexError(_missing_folder(src))
         if (root / src.split / "sizes.json").is_file():
             urls, counts = _from_sizes_json(root / src.split)
         elif (root / "sizes.json").is_file():
