@@ -129,6 +129,8 @@ def test_installed_wheel_runs_from_any_directory(wheel: Path, tmp_path: Path):
 
     listed = _run([str(py), "-m", "eval", "list"], cwd=work)
     assert listed.returncode == 0 and "eurosat" in listed.stdout and "ucm_captions_val" in listed.stdout, listed.stderr
+    # installed: ORBITCLIP_DATA defaults to ../shared/data beside the current directory
+    assert f"{(work.parent / 'shared' / 'data').resolve()}/eurosat_rgb (absent)" in listed.stdout, listed.stdout
     for script in SCRIPTS:
         helped = _run([str(venv / "bin" / script), "--help"], cwd=work)
         assert helped.returncode == 0 and "usage:" in helped.stdout, (script, helped.stderr[-2000:])
