@@ -4,8 +4,11 @@ A benchmark says where its images come from (``data``), what the classes are
 called in prompts (``classes``), which prompt ``templates`` to ensemble and which
 ``evaluators`` run with which options. Unknown keys anywhere are errors.
 
-Relative data paths resolve against ``$ORBITCLIP_DATA`` (default: ``../shared/data``
-next to the repository root) or, with ``data.root: repo``, against the repository root.
+Benchmarks ship in the ``configs`` package (``configs.ROOT / "benchmarks"``), so they are
+found the same way in a checkout and in an installed orbitclip. Relative data paths resolve
+against ``$ORBITCLIP_DATA`` (default: ``../shared/data`` beside the checkout, or beside the
+current directory when orbitclip is installed) or, with ``data.root: repo``, against the
+checkout (installed: the current directory); see :func:`configs.project_root`.
 """
 
 from __future__ import annotations
@@ -15,17 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-
+import configs
 from train.api import ConfigError, from_dict, read_yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BENCHMARK_DIR = REPO_ROOT / "configs" / "benchmarks"
+BENCHMARK_DIR = configs.ROOT / "benchmarks"
 
 
 def data_root() -> Path:
-    """Where relative benchmark data paths point: ``$ORBITCLIP_DATA`` or ../shared/data."""
+    """Where relative benchmark data paths point: ``$ORBITCLIP_DATA``, else ``../shared/data``
+    relative to :func:`configs.project_root` (the checkout, or the current directory)."""
     env = os.environ.get("ORBITCLIP_DATA")
-    return Path(env).expanduser().resolve() if env else (REPO_ROOT.parent / "shared" / "data").resolve()
+    return Path(env).expanduser().resolve() if env else (configs.project_root().parent / "shared" / "data").resolve()
 
 
 @dataclass
@@ -38,7 +41,8 @@ class DataSpec:
     path: str = ""
     """Shards output folder, class-folder root, Karpathy JSON or CSV file."""
     root: Literal["data", "repo"] = "data"
-    """Base of a relative ``path``/``images``: the data root or the repository root."""
+    """Base of a relative ``path``/``images``: the data root, or the repository (the checkout;
+    the current directory when orbitclip is installed)."""
     images: str | None = None
     """Image folder for karpathy/csv sources (shards.api.build's ``images``)."""
     split: str = "test"
@@ -72,7 +76,7 @@ class DataSpec:
         path = Path(os.path.expandvars(p)).expanduser()
         if path.is_absolute():
             return path
-        return (REPO_ROOT if self.root == "repo" else data_root()) / path
+        return (configs.project_root() if self.root == "repo" else data_root()) / path
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Raw data (class folders, Karpathy JSON, CSV) is built into shards once through
 ``shards.api.build`` and cached under ``$ORBITCLIP_CACHE`` (default
-``<repo>/.cache/eval-data``), keyed by a hash of the source and build options.
+``.cache/eval-data`` in the checkout, or in the current directory when installed), keyed by a hash of the source and build options.
 Shards are read with webdataset; ``kind: synthetic`` renders scenes directly.
 """
 
@@ -19,7 +19,8 @@ from typing import Any, Iterator
 
 import webdataset as wds
 
-from eval.benchmark import REPO_ROOT, BenchmarkSpec, DataSpec
+import configs
+from eval.benchmark import BenchmarkSpec, DataSpec
 from eval.dataset import EvalDataset
 
 
@@ -30,7 +31,7 @@ class DataUnavailable(RuntimeError):
 def cache_root() -> Path:
     """Where built benchmark shards are cached."""
     env = os.environ.get("ORBITCLIP_CACHE")
-    return Path(env).expanduser() if env else REPO_ROOT / ".cache" / "eval-data"
+    return Path(env).expanduser() if env else configs.project_root() / ".cache" / "eval-data"
 
 
 def norm(name: str) -> str:

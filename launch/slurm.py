@@ -17,7 +17,9 @@ from launch.jobs import add_record
 from launch.task import DEFAULT_TARGET, TrainTask
 from launch.sweep import RunSet
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+IMPORT_ROOT = Path(__file__).resolve().parents[1]
+"""The folder our packages are imported from (a checkout, or site-packages when installed): the
+job's PYTHONPATH starts with it so that the job runs this same code."""
 
 
 @dataclass
@@ -91,7 +93,7 @@ def executor_parameters(req: SlurmRequest, job_name: str) -> dict[str, Any]:
         "exclude": req.exclude,
         "signal_delay_s": req.signal_delay_s,
         # The job must be able to import this project wherever SLURM starts it.
-        "setup": [*preempt.setup_lines(), f"export PYTHONPATH={shlex.quote(str(PROJECT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}", *req.setup],
+        "setup": [*preempt.setup_lines(), f"export PYTHONPATH={shlex.quote(str(IMPORT_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}", *req.setup],
         # scontrol requeue (what submitit does on preemption) needs a requeueable job.
         "additional_parameters": {"requeue": True},
     }

@@ -1,7 +1,8 @@
-"""``python -m train``: train from a config.
+"""``python -m train``: train from a config, or export a model (``python -m train export``).
 
     python -m train --config configs/demo.yaml optim.lr=5e-4 train.steps=1000
     python -m train --config demo                      # a shipped config by name
+    python -m train export runs/demo --format hf --out runs/demo-hf   # see train.export
 
 User errors (a config typo, missing shards, an unreadable model file, a checkpoint from
 another world size, ...) print one line and exit with status 2; a run stopped by non-finite
@@ -38,7 +39,10 @@ def _setup_logging(env: DistEnv) -> None:
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train", description="Train a CLIP model (configs/*.yaml).",
-        epilog="example: python -m train --config configs/demo.yaml optim.lr=5e-4 train.steps=1000",
+        epilog="example: python -m train --config configs/demo.yaml optim.lr=5e-4 train.steps=1000\n"
+               "export:  python -m train export RUN_OR_CHECKPOINT --format hf|open_clip|pt --out DIR "
+               "(see python -m train export --help)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help="YAML file, or a shipped config by name (demo, recipes/eurosat_scratch_cpu); default: demo")
@@ -68,6 +72,10 @@ def train_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m train``; returns the exit code."""
+    """Entry point of ``python -m train`` (and ``orbitclip-train``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        from train.export import main as export_main
+
+        return export_main(argv[1:])
     return train_main(argv)

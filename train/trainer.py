@@ -251,14 +251,15 @@ class Trainer:
 
     def _write_final_model(self) -> None:
         """``model.pt`` (plain open_clip state_dict, CPU tensors) and ``open_clip_config.json``
-        next to it, so that the run folder loads as ``local-dir:`` in open_clip too."""
+        next to it (architecture, preprocessing, step): the run describes its own model, for
+        ``load_model`` and ``python -m train export``, whatever registry or source built it."""
         state = self.engine.consolidated_state_dict()  # collective under ZeRO
         if not self.env.is_main:
             return
         tmp = self.run.path / f".{self.run.final_model.name}.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.run.final_model)
-        save_model_config(self.bundle, self.run.path)
+        save_model_config(self.bundle, self.run.path, step=self.step)
 
     def close(self) -> None:
         """Release the progress bar and TensorBoard writer."""

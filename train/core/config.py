@@ -72,6 +72,8 @@ class ShardSourceConfig:
     instead of discovering them next to the tars. ``pipe:`` sources need it for the exact
     per-(rank, worker) split; without it they only run with ``data.resampled=true`` and
     ``data.samples_per_epoch`` (shards drawn uniformly, epochs nominal)."""
+    build: str | None = None
+    """The command that builds this source; the error for a missing ``path`` shows it."""
 
 
 @dataclass

@@ -250,19 +250,25 @@ def _from_run(path: Path) -> _Source:
     if run is None:
         raise ModelLoadError(f"{path}: no config.yaml here or in its parent folders, so the architecture is "
                              f"unknown; use ARCH:{path} (or local-dir:/hf: for exported folders)")
+    src = _run_architecture(run)
+    src.state_dict, src.origin = read_state_dict(ckpt), str(ckpt)
+    return src
+
+
+def _run_architecture(run: RunDir) -> _Source:
+    """What a run trained (architecture, build overrides), without its weights."""
     mc = load_config(run.config).model
     pretrained = mc.pretrained or ""
     if run.model_config.is_file():  # written next to the final model.pt: a self-describing run
         src = _local_dir_arch(run.path)
     elif pretrained.startswith((LOCAL_DIR_PREFIX, HF_PREFIX)):
-        try:  # the run fine-tuned that folder's architecture; its weights are replaced below
+        try:  # the run fine-tuned that folder's architecture; its weights are replaced by the caller
             src = _resolve(pretrained)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"run {run.path} was built from model.pretrained={pretrained}, which defines "
                                  f"its architecture and cannot be read now: {e}") from e
     else:
         src = _Source(mc.name, _arch_config(mc.name), mc.name)
-    src.state_dict, src.origin = read_state_dict(ckpt), str(ckpt)
     src.overrides = {"image_size": mc.image_size, "init_logit_bias": mc.init_logit_bias}
     return src
 
@@ -287,12 +293,14 @@ def _resolve(spec: str) -> _Source:
 
 class _DropRandomInitWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
+        message = record.getMessage()
+        return "initialized randomly" not in message and "no CLIP weights found" not in message
 
 
 @contextlib.contextmanager
 def _without_random_init_warning(active: bool) -> Iterator[None]:
-    """open_clip warns "initialized randomly" although we load the weights right after."""
+    """open_clip warns "initialized randomly" (or, for a ``local-dir:`` whose weights it cannot
+    read, such as a run's model.pt, "no CLIP weights found") although we load the weights right after."""
     filt = _DropRandomInitWarning()
     root = logging.getLogger()
     if active:
@@ -439,12 +447,41 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> ClipBundle:
     return bundle
 
 
-def save_model_config(bundle: ClipBundle, folder: str | Path) -> Path:
+def load_run_weights(run_dir: str | Path, state_dict: Mapping[str, torch.Tensor], origin: str,
+                     device: str | torch.device = "cpu") -> ClipBundle:
+    """A run's architecture with weights from elsewhere, in eval mode.
+
+    For weights that are no ``model.pt`` file: a ZeRO checkpoint consolidated offline by
+    :mod:`train.engines.deepspeed.export`.
+
+    Args:
+        run_dir: the run directory (its ``config.yaml`` / ``open_clip_config.json`` define the model).
+        state_dict: plain open_clip state dict.
+        origin: where the weights came from (named in error messages).
+        device: where the model goes.
+    """
+    run = RunDir(Path(run_dir))
+    if not run.is_run():
+        raise ModelLoadError(f"{run.path}: not a run directory (no config.yaml)")
+    src = _run_architecture(run)
+    src.state_dict, src.origin = dict(state_dict), origin
+    bundle = _instantiate(src, {}, allow_checkpoint_bias=True)
+    bundle.model = bundle.model.to(device).eval()
+    return bundle
+
+
+def save_model_config(bundle: ClipBundle, folder: str | Path, step: int | None = None) -> Path:
     """Write ``open_clip_config.json`` (architecture + preprocessing) into ``folder``.
 
     In a run directory it makes the run self-describing: :func:`load_model` then needs
-    neither the architecture registry nor the run's ``model.pretrained`` source.
-    Patch dropout is a training option, not architecture: it is not written.
+    neither the architecture registry nor the run's ``model.pretrained`` source. (open_clip's
+    own ``local-dir:`` loader does not read ``model.pt``: ``python -m train export`` writes
+    the folder it loads.) Patch dropout is a training option, not architecture: it is not written.
+
+    Args:
+        bundle: the model and its preprocessing.
+        folder: where the file goes (created).
+        step: the training step of the weights beside it, recorded for export provenance.
     """
     from open_clip.push_to_hf_hub import save_config_for_hf
 
@@ -455,9 +492,21 @@ def save_model_config(bundle: ClipBundle, folder: str | Path) -> Path:
     config_path = folder / LOCAL_DIR_CONFIG
     save_config_for_hf(bundle.model, config_path, model_config=cfg)
     data = json.loads(config_path.read_text())
-    data["orbitclip"] = {"arch": bundle.arch}  # a readable name for reports; open_clip ignores it
+    ours: dict[str, Any] = {"arch": bundle.arch}  # a readable name for reports; open_clip ignores it
+    if step is not None:
+        ours["step"] = int(step)
+    data["orbitclip"] = ours
     config_path.write_text(json.dumps(data, indent=2))
     return config_path
+
+
+def saved_step(folder: str | Path) -> int | None:
+    """The step :func:`save_model_config` recorded in ``folder``, None if none was."""
+    path = Path(folder) / LOCAL_DIR_CONFIG
+    if not path.is_file():
+        return None
+    step = json.loads(path.read_text()).get("orbitclip", {}).get("step")
+    return int(step) if step is not None else None
 
 
 def save_local_dir(bundle: ClipBundle, folder: str | Path) -> Path:
@@ -472,6 +521,7 @@ def save_local_dir(bundle: ClipBundle, folder: str | Path) -> Path:
 
 
 __all__ = [
-    "ClipBundle", "ModelLoadError", "build_model", "load_model", "save_local_dir", "save_model_config",
-    "load_weights", "read_state_dict", "register_model_configs", "MODEL_CONFIG_DIR",
+    "ClipBundle", "ModelLoadError", "build_model", "load_model", "load_run_weights", "save_local_dir",
+    "save_model_config", "saved_step", "load_weights", "read_state_dict", "register_model_configs",
+    "MODEL_CONFIG_DIR", "LOCAL_DIR_CONFIG", "LOCAL_DIR_WEIGHTS",
 ]

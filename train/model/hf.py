@@ -321,45 +321,85 @@ def clip_tokenizer(context_length: int) -> Any:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=context_length)
 
 
+_PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values HF stores
+
+
+def hf_image_processor(image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                       interpolation: str = "bicubic", resize_mode: str = "shortest") -> Any:
+    """A ``CLIPImageProcessor`` doing what open_clip's eval transform does for this model.
+
+    Args:
+        image_size: the model's input size (square).
+        mean, std: the model's normalisation.
+        interpolation, resize_mode: open_clip preprocess settings (``shortest``: resize the
+            short side, centre crop; ``squash``: resize to a square, no crop).
+    """
+    from transformers import CLIPImageProcessor
+
+    if interpolation not in _PIL_RESAMPLE:
+        raise ConversionError(f"interpolation {interpolation!r} has no CLIPImageProcessor equivalent")
+    if resize_mode == "shortest":
+        size, crop = {"shortest_edge": image_size}, True
+    elif resize_mode == "squash":
+        size, crop = {"height": image_size, "width": image_size}, False
+    else:  # "longest" pads to a square: CLIPImageProcessor cannot pad
+        raise ConversionError(f"resize_mode {resize_mode!r} has no CLIPImageProcessor equivalent")
+    return CLIPImageProcessor(
+        do_resize=True, size=size, resample=_PIL_RESAMPLE[interpolation], do_center_crop=crop,
+        crop_size={"height": image_size, "width": image_size}, do_rescale=True, do_normalize=True,
+        image_mean=list(mean), image_std=list(std), do_convert_rgb=True,
+    )
+
+
 def save_hf_clip(model: torch.nn.Module, model_cfg: Mapping[str, Any], folder: str | Path,
-                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> Path:
-    """Export an open_clip ViT CLIP as a transformers folder (model, tokenizer, preprocessor).
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 preprocess: Mapping[str, Any] | None = None) -> Path:
+    """Export an open_clip ViT CLIP as a transformers folder (model, tokenizer, processor).
 
     Args:
         model: open_clip ``CLIP`` (no ``logit_bias``: HF CLIPModel has none).
         model_cfg: its open_clip model config.
         folder: output folder (created).
-        mean, std: normalisation written to ``preprocessor_config.json`` (None = skip).
+        mean, std: normalisation of the image processor (None = write the tokenizer only).
+        preprocess: open_clip preprocess settings (``interpolation``, ``resize_mode``) to mirror.
     """
+    from transformers import CLIPProcessor
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     open_clip_to_hf_model(model, model_cfg).save_pretrained(folder)
-    if model_cfg["text_cfg"].get("vocab_size", _CLIP_BPE_VOCAB) == _CLIP_BPE_VOCAB:
-        clip_tokenizer(model_cfg["text_cfg"].get("context_length", 77)).save_pretrained(folder)
-    if mean is not None and std is not None:
-        size = model_cfg["vision_cfg"]["image_size"]
-        (folder / "preprocessor_config.json").write_text(json.dumps({
-            "image_processor_type": "CLIPImageProcessor", "image_mean": list(mean), "image_std": list(std),
-            "size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size},
-            "do_resize": True, "do_center_crop": True, "do_normalize": True, "resample": 3,
-        }, indent=2))
+    if model_cfg["text_cfg"].get("vocab_size", _CLIP_BPE_VOCAB) != _CLIP_BPE_VOCAB:
+        return folder  # no tokenizer we can write for another vocabulary
+    tokenizer = clip_tokenizer(model_cfg["text_cfg"].get("context_length", 77))
+    if mean is None or std is None:
+        tokenizer.save_pretrained(folder)
+        return folder
+    pp = dict(preprocess or {})
+    image_processor = hf_image_processor(model_cfg["vision_cfg"]["image_size"], mean, std,
+                                         pp.get("interpolation", "bicubic"), pp.get("resize_mode", "shortest"))
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
 
 
 def read_hf_preprocess(folder: str | Path) -> dict[str, Any]:
-    """Mean/std from a HF folder's ``preprocessor_config.json`` as open_clip preprocess keys."""
-    path = Path(folder) / "preprocessor_config.json"
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    out = {}
+    """Mean/std of a HF folder's image processor as open_clip preprocess keys.
+
+    transformers 5 nests it in ``processor_config.json``; older versions (and hand-written
+    folders) have ``preprocessor_config.json``.
+    """
+    folder = Path(folder)
+    data: dict[str, Any] = {}
+    if (folder / "preprocessor_config.json").is_file():
+        data = json.loads((folder / "preprocessor_config.json").read_text())
+    elif (folder / "processor_config.json").is_file():
+        data = json.loads((folder / "processor_config.json").read_text()).get("image_processor", {})
     if "image_mean" in data and "image_std" in data:
-        out = {"mean": tuple(data["image_mean"]), "std": tuple(data["image_std"])}
-    return out
+        return {"mean": tuple(data["image_mean"]), "std": tuple(data["image_std"])}
+    return {}
 
 
 __all__ = [
     "ConversionError", "open_clip_config_from_hf", "hf_config_from_open_clip", "hf_to_open_clip_state_dict",
     "open_clip_to_hf_state_dict", "load_hf_clip", "open_clip_to_hf_model", "clip_tokenizer", "save_hf_clip",
-    "read_hf_preprocess",
+    "hf_image_processor", "read_hf_preprocess",
 ]

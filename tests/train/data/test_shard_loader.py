@@ -122,8 +122,14 @@ def test_discover_layouts_and_errors(tmp_path):
         discover_source(ShardSourceConfig(path=str(tmp_path / "nostats")))
     with pytest.raises(ShardIndexError, match="do not exist"):
         discover_source(ShardSourceConfig(path=str(root / "train" / "train-{000000..000002}.tar")))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ShardIndexError, match="no sizes.json"):
         discover_source(ShardSourceConfig(path=str(tmp_path / "empty")))
+    # a missing folder says how to build it (the config's own command when it has one)
+    with pytest.raises(ShardIndexError, match=r"absent not found; build them first: python -m shards build"):
+        discover_source(ShardSourceConfig(path=str(tmp_path / "absent")))
+    with pytest.raises(ShardIndexError, match=r"build them first: make-my-shards$"):
+        discover_source(ShardSourceConfig(path=str(tmp_path / "absent"), build="make-my-shards"))
 
 
 def test_img2dataset_layout_reads_txt_captions(tmp_path):

@@ -337,6 +337,30 @@ def test_zero3_export_loads_into_plain_open_clip(trained, tmp_path):
     assert bad.returncode != 0 and "not a DeepSpeed checkpoint" in bad.stderr
 
 
+@pytest.mark.slow
+def test_train_export_consolidates_a_zero3_checkpoint_without_model_pt(trained, tmp_path):
+    """`python -m train export RUN --format pt`: a ZeRO-3 step folder whose model.pt is gone is
+    gathered from its shards (offline, one process) into the same tensors."""
+    import shutil
+
+    from train.core.config import save_config
+    from train.core.rundir import RunDir
+    from train.export import main as export_main
+
+    root, _ = trained
+    run = RunDir(tmp_path / "run")
+    save_config(make_cfg(root, "deepspeed", 3, accum=Z3_ACCUM), run.config)
+    ckpt = run.checkpoint(SAVE_AT)
+    shutil.copytree(root / "ckpt3" / "step", ckpt.path, ignore=shutil.ignore_patterns("model.pt"))
+    run.latest_pointer.write_text(ckpt.path.name)
+    assert export_main([str(run.path), "--format", "pt", "--out", str(tmp_path / "pt")]) == 0
+    exported = torch.load(tmp_path / "pt" / "model.pt", weights_only=True)
+    in_memory = torch.load(root / "ckpt3" / "step" / "model.pt", weights_only=True)
+    assert sorted(in_memory) == sorted(exported)
+    assert all(torch.equal(in_memory[k], exported[k]) for k in exported)
+    assert "ZeRO shards, consolidated" in (tmp_path / "pt" / "README.md").read_text()
+
+
 # -- the whole trainer on ZeRO-3: eval and the final model.pt need gathered weights ----------
 
 

@@ -10,7 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from train import hf_convert as hc  # noqa: E402  (ensures torchvision works before transformers)
+from train.model import hf as hc  # noqa: E402  (ensures torchvision works before transformers)
 import shutil  # noqa: E402
 
 from train.core.config import Config, DataConfig, ModelConfig, TrainConfig, save_config  # noqa: E402

@@ -27,6 +27,7 @@ import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+from pathlib import Path
 
 import webdataset as wds
 
@@ -172,7 +173,8 @@ def _pattern(src: ShardSourceConfig, path: str, opts: RemoteConfig) -> tuple[lis
     if storage.location_kind(path) == "local":
         missing = [u for u in urls if not storage.exists(u, opts)]
         if missing:
-            raise ShardIndexError(f"{len(missing)} shard(s) of {path} do not exist, e.g. {missing[0]}")
+            raise ShardIndexError(f"{len(missing)} shard(s) of {path} do not exist, e.g. {missing[0]}"
+                                  + (f"; build them with: {src.build}" if src.build else ""))
     elif storage.exists(urls[0], opts) is False:
         raise ShardIndexError(f"{urls[0]} (the first shard of {path}) does not exist")
     if src.sizes:
@@ -210,6 +212,13 @@ def _folder(src: ShardSourceConfig, path: str, opts: RemoteConfig) -> tuple[list
     return tars, _counts_for(tars, opts)
 
 
+def _missing_folder(src: ShardSourceConfig) -> str:
+    """One line: what is missing (relative paths are the current directory's) and how to build it."""
+    where = "" if Path(src.path).is_absolute() else f" (relative to the current directory {Path.cwd()})"
+    how = src.build or f"python -m shards build --source ... --output {src.path}"
+    return f"training shards {src.path} not found{where}; build them first: {how}"
+
+
 def discover_source(src: ShardSourceConfig, remote: RemoteConfig | None = None) -> ShardSet:
     """Resolve one ``data.shards`` entry into its shard list and counts.
 
@@ -234,6 +243,8 @@ def discover_source(src: ShardSourceConfig, remote: RemoteConfig | None = None) 
     elif "{" in path or _is_tar(path):
         urls, counts = _pattern(src, storage.local_path(path) if kind == "local" else path, opts)
     else:
+        if kind == "local" and not Path(storage.local_path(path)).exists():
+            raise ShardIndexError(_missing_folder(src))
         urls, counts = _folder(src, storage.local_path(path) if kind == "local" else path, opts)
     if counts and sum(counts) <= 0:
         raise ShardIndexError(f"source {path} holds no samples")

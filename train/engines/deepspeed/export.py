@@ -2,6 +2,11 @@
 
     python -m train.engines.deepspeed.export CKPT_DIR OUT.pt
 
+The user-facing command is ``python -m train export RUN_OR_CHECKPOINT --format pt|hf|open_clip
+--out DIR`` (:mod:`train.export`), which calls :func:`export_state_dict` for a ZeRO step folder
+without ``model.pt`` and writes a loadable folder with a model card; this module stays as the
+low-level tool (one ``.pt`` file, nothing else).
+
 ``CKPT_DIR`` is a checkpoint folder written by :class:`train.engines.deepspeed.engine.DeepSpeedEngine`
 (``runs/NAME/checkpoints/step_0001000``), or a ``checkpoints`` folder / run directory whose
 ``latest`` pointer names one. Works offline on one process for ZeRO stages 1-3: DeepSpeed's
