@@ -51,9 +51,10 @@ def _nlist(n: int) -> int:
     return int(max(1, min(want, n // 39 or 1)))
 
 
-def _pq_m(dim: int, n: int, budget_bytes: float) -> int:
+def _pq_m(dim: int, n: int, nlist: int, budget_bytes: float) -> int:
     """Largest number of 1-byte sub-quantizers that divides ``dim`` and fits the budget."""
-    per_vector = budget_bytes / max(n, 1) - 8  # 8 bytes: the id stored next to each code
+    # what the coarse centroids leave, per vector, less the 8-byte id stored next to each code
+    per_vector = (budget_bytes - nlist * dim * 4) / max(n, 1) - 8
     divisors = [m for m in range(1, dim + 1) if dim % m == 0 and m <= 64]
     fitting = [m for m in divisors if m <= per_vector]
     if not fitting:
@@ -86,7 +87,7 @@ def choose(n: int, dim: int, opts: AnnOptions) -> AnnChoice:
     nlist = _nlist(n)
     if kind == "ivf":
         return AnnChoice("ivf", {"nlist": nlist}, reason)
-    m = _pq_m(dim, n, budget - nlist * dim * 4)
+    m = _pq_m(dim, n, nlist, budget)
     nbits = 8 if n >= 256 * 39 else max(4, min(8, int(math.log2(max(n, 16) / 39))))
     return AnnChoice("ivfpq", {"nlist": nlist, "m": m, "nbits": nbits}, reason)
 

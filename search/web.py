@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import io
+import socket
 from importlib import resources
 from typing import Any
 
@@ -112,13 +113,23 @@ def make_app_server(opts: ServeOptions) -> tuple[BaseWSGIServer, str]:
     searcher = Searcher(SearchIndex(opts.index), opts.model, opts.device)
     searcher.encoder  # noqa: B018 -- load + identity check now
     app = create_app(searcher, opts.k)
+    _check_port(opts.host, opts.port)
     try:
         server = make_server(opts.host, opts.port, app, threaded=True)
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise SearchError(f"port {opts.port} on {opts.host} is in use; pick another with --port") from None
-        raise SearchError(f"cannot listen on {opts.host}:{opts.port}: {e.strerror or e}") from None
-    except SystemExit:
-        # werkzeug reports a busy port by printing and exiting on some versions: keep our one line
-        raise SearchError(f"port {opts.port} on {opts.host} is in use; pick another with --port") from None
+    except (OSError, SystemExit) as e:  # werkzeug prints and exits on some bind errors
+        raise SearchError(f"cannot listen on {opts.host}:{opts.port}: {getattr(e, 'strerror', None) or e}") from None
     return server, f"http://{opts.host}:{server.server_port}/"
+
+
+def _check_port(host: str, port: int) -> None:
+    # werkzeug answers a busy port with three lines of its own and sys.exit; try the bind first
+    # (with SO_REUSEADDR, as werkzeug binds, so a port in TIME_WAIT is not called busy)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise SearchError(f"port {port} on {host} is in use; pick another with --port") from None
+            raise SearchError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
