@@ -130,7 +130,7 @@ def describe_index(index: SearchIndex) -> str:
         f"faiss index: {ix['kind']}{' ' + json.dumps(ix['params']) if ix['params'] else ''}{knob} ({ix['reason']})",
         f"recall@10 vs exact: {recalls}" + ("" if search["target_reached"] else
                                               f" (target {search['target']} not reached)"),
-        f"time: embed {secs['embed']:.1f}s, index {secs['index']:.2f}s, recall {secs['tune']:.2f}s, "
+        f"time: load model {secs.get('load_model', 0):.1f}s, embed {secs['embed']:.1f}s, index {secs['index']:.2f}s, recall {secs['tune']:.2f}s, "
         f"total {secs['total']:.1f}s",
         f"wrote {index.path}",
     ])

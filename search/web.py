@@ -60,6 +60,10 @@ def create_app(searcher: Searcher, k: int = 12) -> Flask:
     def home() -> Response:
         return Response(page, mimetype="text/html")
 
+    @app.get("/favicon.ico")
+    def favicon() -> Response:
+        return Response(status=204)  # browsers ask for one; an empty answer keeps the log clean
+
     @app.get("/api/info")
     def info() -> Response:
         m = index.meta

@@ -172,3 +172,25 @@ def test_real_build_above_exact_max_gets_an_approximate_index_with_measured_reca
     search = meta["index"]["search"]
     assert search["queries"] == {"image": 72, "text": 72} and search["param"] == "efSearch"
     assert meta["recall@10"] == min(search["recall@10"].values()) >= 0.95
+
+
+@pytest.mark.slow
+def test_torchrun_cli_build_equals_one_process_build(collection, index_dir, tmp_path):
+    """The user's path: `torchrun --nproc_per_node 2 -m search index ...` (each rank joins by env)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.distutil import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "search", "index", "--model", MODEL, "--shards", *map(str, collection), "--out", str(tmp_path / "tr"),
+           "--device", "cpu", "--batch-size", "16", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "indexed 72 of 72 inputs" in res.stdout and "2 process(es)" in res.stdout
+    one, two = SearchIndex(index_dir), SearchIndex(tmp_path / "tr")
+    assert [it["uid"] for it in two.items] == [it["uid"] for it in one.items]
+    np.testing.assert_allclose(np.asarray(two.vectors), np.asarray(one.vectors), atol=1e-5)
