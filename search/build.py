@@ -63,7 +63,8 @@ def embed_shard(shard: Shard, encoder: Encoder, bar: tqdm) -> tuple[np.ndarray, 
         try:
             image = decode_image(sample.image, f"image {sample.uid}")
         except SearchError as e:
-            skipped.append((sample.uid, str(e).replace(f"cannot read image {sample.uid}: ", "unreadable image: ")))
+            # decode_image says "cannot read <what>: <why>"; summaries group reasons by the text before ':'
+            skipped.append((sample.uid, "unreadable image: " + str(e).split(": ", 1)[-1]))
             continue
         batch.append((sample, image))
         if len(batch) >= encoder.batch_size:

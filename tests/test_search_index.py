@@ -149,6 +149,7 @@ def test_unreadable_samples_are_skipped_with_reasons(collection, tmp_path):
         build_index(index_options([tmp_path / "empty"], tmp_path / "idx2"))
 
 
+@pytest.mark.slow  # ~20 s on 2 idle cores, ~40 s on busy ones (two spawned processes import torch)
 def test_two_process_build_equals_one_process_build(collection, index_dir, tmp_path):
     out = tmp_path / "idx2"
     results = run_distributed(dist_build, 2, [str(f) for f in collection], str(out), timeout=240)
