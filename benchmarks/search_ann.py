@@ -3,12 +3,14 @@
     python -m benchmarks.search_ann                       # 10k, 100k, 1M x 128 dims (orbit-tiny's)
     python -m benchmarks.search_ann --sizes 2000 --dim 16 --queries 50      # seconds (smoke test)
 
-For each size the index that ``search index`` would choose (``--index auto``, default
-options) is built from random unit vectors, its search knob is tuned exactly as the index
-build does (to recall@10 >= 0.95 on 500 tuning queries, or the ladder's end), and then
-measured on *other* queries: recall@10 against exact search and single-query latency (one
-query per call, k = 10, the way a person's query arrives). An exact ``flat`` row per size
-shows what the approximate index buys, and an ``ivfpq`` row shows the memory-budget mode.
+For each size the index that ``search index`` builds (``--index auto``, default options) is
+built from random unit vectors by the same function (:func:`search.ann.build_tuned`): its
+search knob is tuned to recall@10 >= 0.95 on 500 tuning queries (or the ladder's end), and
+exact search is kept when the tuned index is no faster. It is then measured on *other*
+queries: recall@10 against exact search and single-query latency (one query per call,
+k = 10, the way a person's query arrives). A forced row shows the other side (exact search
+next to a kept approximate index, the approximate index next to a fallback to exact), and
+an ``ivfpq`` row the memory-budget mode.
 
 Two distributions: ``uniform`` unit vectors are the worst case for any ANN (no cluster
 structure; every neighbour is nearly as far as any other) and ``clustered`` ones (points
@@ -67,25 +69,24 @@ def latency_ms(index: faiss.Index, queries: np.ndarray, k: int = 10) -> tuple[fl
     return float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 
-def measure(x: np.ndarray, choice: ann.AnnChoice, tune_q: np.ndarray, test_q: np.ndarray,
-            truth: np.ndarray) -> dict:
-    """Build, tune on ``tune_q``, then measure on ``test_q`` (whose exact top 10 is ``truth``)."""
-    t0 = time.perf_counter()
-    index = ann.build(x, choice)
-    build_s = time.perf_counter() - t0
-    tuned = ann.tune(index, choice.kind, x, {"tune": tune_q})
-    recall = ann.recall_at_k(index.search(test_q, 10)[1], truth)
-    p50, p99 = latency_ms(index, test_q)
+def measure(x: np.ndarray, opts: AnnOptions, tune_q: np.ndarray, test_q: np.ndarray, truth: np.ndarray) -> dict:
+    """Build and tune as ``search index`` does (on ``tune_q``), then measure on ``test_q``."""
+    built = ann.build_tuned(x, opts, {"tune": tune_q})
+    recall = ann.recall_at_k(built.index.search(test_q, 10)[1], truth)
+    p50, p99 = latency_ms(built.index, test_q)
+    tuned, choice = built.tuned, built.choice
     knob = f"{tuned['param']}={tuned['value']}" if tuned["param"] else "-"
     params = " ".join(f"{k}={v}" for k, v in choice.params.items()) or "-"
-    return {"index": choice.kind, "params": params, "knob": knob, "build_s": round(build_s, 2),
+    return {"index": choice.kind, "params": params, "knob": knob, "build_s": round(built.build_s, 2),
             "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "recall@10": round(recall, 4),
-            "index_mib": round(faiss.serialize_index(index).nbytes / 2**20, 1)}
+            "index_mib": round(faiss.serialize_index(built.index).nbytes / 2**20, 1),
+            "why": {"reason": choice.reason, "latency_ms": tuned.get("latency_ms")}}  # JSON only (a dict)
 
 
 def run(sizes: list[int], dim: int, distributions: list[str], queries: int, pq_budget_mb: float,
         exact_max: int) -> list[dict]:
-    """All rows: for each distribution and size, auto index, exact flat and (>= 100k) IVF-PQ."""
+    """For each distribution and size: the auto index, the approximate one by size when auto kept
+    exact search, exact search when auto did not, and IVF-PQ under a small memory budget."""
     rows = []
     for dist in distributions:
         for n in sizes:
@@ -93,17 +94,21 @@ def run(sizes: list[int], dim: int, distributions: list[str], queries: int, pq_b
             q = vectors(2 * queries, dim, dist, seed=n + 1)  # not in the index
             tune_q, test_q = q[:queries], q[queries:]
             truth = ann.exact_neighbors(x, test_q, 10)
-            auto = ann.choose(n, dim, AnnOptions(exact_max=exact_max))
-            choices = [("auto", auto)]
-            if auto.kind != "flat":
-                choices.append(("exact", ann.choose(n, dim, AnnOptions(kind="flat"))))
-            if n >= 100_000 or n > exact_max:
-                choices.append((f"budget {pq_budget_mb:g} MiB",
-                                ann.choose(n, dim, AnnOptions(kind="ivfpq", memory_mb=pq_budget_mb))))
-            for label, choice in choices:
-                row = {"vectors": dist, "n": n, "dim": dim, "choice": label, **measure(x, choice, tune_q, test_q, truth)}
-                print(f"[search_ann] {row}", flush=True)
-                rows.append(row)
+
+            def row(label: str, opts: AnnOptions) -> dict:
+                r = {"vectors": dist, "n": n, "dim": dim, "choice": label, **measure(x, opts, tune_q, test_q, truth)}
+                print(f"[search_ann] {r}", flush=True)
+                rows.append(r)
+                return r
+
+            auto = row("auto", AnnOptions(exact_max=exact_max))
+            by_size = ann.choose(n, dim, AnnOptions(exact_max=exact_max)).kind
+            if auto["index"] == "flat" and by_size != "flat":
+                row(f"{by_size} (forced)", AnnOptions(kind=by_size))
+            elif auto["index"] != "flat":
+                row("exact (forced)", AnnOptions(kind="flat"))
+            if n > exact_max:
+                row(f"ivfpq, {pq_budget_mb:g} MiB budget", AnnOptions(kind="ivfpq", memory_mb=pq_budget_mb))
     return rows
 
 

@@ -183,3 +183,54 @@ def tune(index: faiss.Index, kind: str, vectors: np.ndarray, query_sets: dict[st
     return {"param": param, "value": chosen["value"], "recall@10": chosen["recall@10"], "k": k,
             "target": target, "target_reached": all(r >= target for r in chosen["recall@10"].values()),
             "queries": {name: len(q) for name, q in sets.items()}, "ladder": ladder}
+
+
+def single_query_ms(index: faiss.Index, queries: np.ndarray, k: int = 10) -> float:
+    """Median time of one query per call (how a person's query arrives), in milliseconds."""
+    times = []
+    for q in np.ascontiguousarray(queries, dtype=np.float32):
+        t0 = time.perf_counter()
+        index.search(q[None, :], k)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times)) if times else 0.0
+
+
+@dataclass
+class BuiltIndex:
+    """A tuned index, the choice behind it and how it was reached."""
+
+    index: faiss.Index
+    choice: AnnChoice
+    tuned: dict[str, Any]
+    build_s: float
+    tune_s: float
+
+
+def build_tuned(vectors: np.ndarray, opts: AnnOptions, query_sets: dict[str, np.ndarray],
+                latency_queries: int = 50) -> BuiltIndex:
+    """Choose, build and tune an index; in ``auto`` mode keep exact search when it is as fast.
+
+    Vectors without cluster structure (or a collection just above ``exact_max``) can need a
+    knob so high that the approximate index scans as much as brute force, only slower. Then
+    exact search is both faster and exact, and ``auto`` takes it if its vectors fit the
+    memory budget; the reason and both latencies are recorded.
+    """
+    t0 = time.perf_counter()
+    choice = choose(len(vectors), vectors.shape[1], opts)
+    index = build(vectors, choice, seed=opts.seed)
+    build_s = time.perf_counter() - t0
+    tuned = tune(index, choice.kind, vectors, query_sets)
+    fits = vectors.nbytes <= opts.memory_mb * 2**20
+    if opts.kind == "auto" and choice.kind != "flat" and fits:
+        probe = np.concatenate([q[:latency_queries] for q in query_sets.values() if len(q)])
+        flat_choice = AnnChoice("flat", {}, "")
+        flat = build(vectors, flat_choice)
+        ann_ms, flat_ms = single_query_ms(index, probe), single_query_ms(flat, probe)
+        if ann_ms >= flat_ms:
+            flat_choice.reason = (f"{choice.kind} {choice.params} needed {tuned['param']}={tuned['value']} for "
+                                  f"recall@10 {min(tuned['recall@10'].values()):.3f} and took {ann_ms:.2f} ms per "
+                                  f"query vs {flat_ms:.2f} ms exact: exact search")
+            choice, index = flat_choice, flat
+            tuned = tune(index, "flat", vectors, query_sets)
+        tuned["latency_ms"] = {"approximate": round(ann_ms, 3), "exact": round(flat_ms, 3)}
+    return BuiltIndex(index, choice, tuned, build_s, time.perf_counter() - t0 - build_s)

@@ -150,18 +150,15 @@ def finish(opts: IndexOptions, identity: ModelIdentity, encoder: Encoder, shards
     if not items:
         reasons = ", ".join(f"{k} {v}" for k, v in Counter(r for _, r in skipped).most_common(3)) or "no samples"
         raise SearchError(f"nothing to index: {total} input(s), all skipped ({reasons})")
-    t0 = time.perf_counter()
-    choice = ann.choose(len(vectors), vectors.shape[1], opts.ann)
-    index = ann.build(vectors, choice, seed=opts.ann.seed)
-    build_s = time.perf_counter() - t0
-    tuned = ann.tune(index, choice.kind, vectors,
-                     _recall_queries(vectors, items, encoder, opts.ann.recall_queries, opts.ann.seed))
+    built = ann.build_tuned(vectors, opts.ann,
+                            _recall_queries(vectors, items, encoder, opts.ann.recall_queries, opts.ann.seed))
+    choice, index, tuned = built.choice, built.index, built.tuned
     meta = {
         "model": identity.to_dict(), "dim": int(vectors.shape[1]), "count": len(items),
         "index": {**choice.to_dict(), "search": tuned},
         "recall@10": min(tuned["recall@10"].values()),
-        "build_seconds": {"load_model": round(load_s, 2), "embed": round(embed_s, 2), "index": round(build_s, 2),
-                          "tune": round(time.perf_counter() - t0 - build_s, 2),
+        "build_seconds": {"load_model": round(load_s, 2), "embed": round(embed_s, 2),
+                          "index": round(built.build_s, 2), "tune": round(built.tune_s, 2),
                           "total": round(time.perf_counter() - t_start, 2)},
         "inputs": _skip_summary(total, len(items), skipped),
         "shards": {"folders": [str(Path(f).resolve()) for f in opts.shards], "splits": opts.splits,

@@ -76,3 +76,20 @@ def test_index_build_above_exact_max_uses_hnsw_and_stores_its_recall(tmp_path):
     assert again.index.hnsw.efSearch == tuned["value"]  # the tuned knob is set again on load
     _, rows = again.search(x[:200], 10)
     assert ann.recall_at_k(rows, ann.exact_neighbors(x, x[:200], 10)) >= ann.TARGET_RECALL
+
+
+@pytest.mark.parametrize("ann_ms, kept", [(1.0, "hnsw"), (9.0, "flat")])
+def test_auto_keeps_exact_search_when_the_tuned_index_is_no_faster(monkeypatch, ann_ms, kept):
+    x = clustered(3000, 16)
+    # first call times the approximate index, second exact search
+    times = iter([ann_ms, 5.0])
+    monkeypatch.setattr(ann, "single_query_ms", lambda index, queries, k=10: next(times))
+    built = ann.build_tuned(x, AnnOptions(exact_max=1000), {"image": x[:100]})
+    assert built.choice.kind == kept and built.index.ntotal == 3000
+    assert built.tuned["latency_ms"] == {"approximate": ann_ms, "exact": 5.0}
+    if kept == "flat":
+        assert built.choice.reason.endswith(f"took {ann_ms:.2f} ms per query vs 5.00 ms exact: exact search")
+        assert built.tuned["recall@10"] == {"image": 1.0} and built.tuned["param"] is None
+    # forced kinds and budgets too small for exact vectors never fall back
+    forced = ann.build_tuned(x, AnnOptions(kind="hnsw"), {"image": x[:100]})
+    assert forced.choice.kind == "hnsw" and "latency_ms" not in forced.tuned

@@ -166,13 +166,18 @@ def test_two_process_build_equals_one_process_build(collection, index_dir, tmp_p
     assert not list(tmp_path.glob(".idx2.parts-*")), "per-rank parts are removed once assembled"
 
 
-def test_real_build_above_exact_max_gets_an_approximate_index_with_measured_recall(collection, tmp_path):
-    build_index(index_options(collection, tmp_path / "hnsw", exact_max=20, recall_queries=72))
+def test_real_build_with_an_approximate_index_stores_its_measured_recall(collection, tmp_path):
+    build_index(index_options(collection, tmp_path / "hnsw", kind="hnsw", recall_queries=72))
     meta = SearchIndex(tmp_path / "hnsw").meta
-    assert meta["index"]["kind"] == "hnsw" and "72 vectors" in meta["index"]["reason"]
+    assert meta["index"]["kind"] == "hnsw" and meta["index"]["reason"] == "forced by --index"
     search = meta["index"]["search"]
     assert search["queries"] == {"image": 72, "text": 72} and search["param"] == "efSearch"
     assert meta["recall@10"] == min(search["recall@10"].values()) >= 0.95
+    # auto above exact_max: HNSW is built, tuned, and timed against exact search
+    build_index(index_options(collection, tmp_path / "auto", exact_max=20, recall_queries=72))
+    auto = SearchIndex(tmp_path / "auto").meta["index"]
+    assert set(auto["search"]["latency_ms"]) == {"approximate", "exact"}
+    assert auto["kind"] == "hnsw" or auto["reason"].startswith("hnsw {'M': 32, 'efConstruction': 80} needed efSearch=")
 
 
 @pytest.mark.slow
