@@ -74,17 +74,34 @@ def embed_shard(shard: Shard, encoder: Encoder, bar: tqdm) -> tuple[np.ndarray, 
     return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), items, skipped
 
 
+def _fingerprint(shard: Shard) -> str:
+    # a part is reused only for the very same file: position, path, size and modification time
+    st = os.stat(shard.path)
+    return f"{shard.index}|{shard.path}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _part_done(folder: Path, shard: Shard) -> bool:
+    path = folder / f"shard-{shard.index:06d}.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("fingerprint") == _fingerprint(shard)
+    except ValueError:
+        return False
+
+
 def _save_part(folder: Path, shard: Shard, vectors: np.ndarray, items: list[dict], skipped: list) -> None:
     stem = folder / f"shard-{shard.index:06d}"
     np.save(f"{stem}.npy", vectors)
     tmp = Path(f"{stem}.json.tmp")
-    tmp.write_text(json.dumps({"shard": shard.path, "items": items, "skipped": skipped}, ensure_ascii=False))
+    tmp.write_text(json.dumps({"shard": shard.path, "fingerprint": _fingerprint(shard), "items": items,
+                               "skipped": skipped}, ensure_ascii=False))
     tmp.rename(f"{stem}.json")  # written last: its presence means the part is complete
 
 
 def _embed_rank(shards: list[Shard], env: DistEnv, encoder: Encoder, parts: Path, progress: bool) -> None:
     mine = [s for s in shards if s.index % env.world_size == env.rank]
-    todo = [s for s in mine if not (parts / f"shard-{s.index:06d}.json").is_file()]
+    todo = [s for s in mine if not _part_done(parts, s)]
     expected = [s.expected for s in todo]
     total = sum(expected) if all(e is not None for e in expected) else None
     desc = "embedding" + (f" [rank {env.rank}/{env.world_size}]" if env.distributed else "")
@@ -101,7 +118,7 @@ def assemble(shards: list[Shard], parts: Path, dim: int) -> tuple[np.ndarray, li
     vectors, items, skipped, seen = [], [], [], set()
     for shard in shards:
         stem = parts / f"shard-{shard.index:06d}"
-        if not Path(f"{stem}.json").is_file():
+        if not _part_done(parts, shard):
             raise SearchError(f"shard {shard.path} was not embedded by any rank (did a rank load another model?)")
         part = json.loads(Path(f"{stem}.json").read_text(encoding="utf-8"))
         vecs = np.load(f"{stem}.npy")

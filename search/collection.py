@@ -154,7 +154,7 @@ def read_shard(shard: Shard, skipped: list[tuple[str, str]]) -> Iterator[Sample]
                 data = tar.extractfile(info).read() if ext in (*IMAGE_EXTS, "json", "txt") else None
                 members[ext] = (info, data)
         except (tarfile.TarError, OSError, EOFError) as e:
-            skipped.append((shard.path, f"shard truncated after key {current}: {type(e).__name__}"))
+            skipped.append((shard.path, f"truncated shard: ends after key {current} ({type(e).__name__})"))
             members = {}
         if current is not None and members:
             sample = _sample(shard, current, members, skipped)

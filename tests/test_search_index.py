@@ -149,6 +149,32 @@ def test_unreadable_samples_are_skipped_with_reasons(collection, tmp_path):
         build_index(index_options([tmp_path / "empty"], tmp_path / "idx2"))
 
 
+def test_an_interrupted_build_reuses_parts_of_unchanged_shards_only(collection, tmp_path, monkeypatch):
+    import os
+
+    from search import build as build_mod
+
+    embedded: list[str] = []
+    real_embed = build_mod.embed_shard
+    monkeypatch.setattr(build_mod, "embed_shard", lambda shard, enc, bar: (embedded.append(shard.path),
+                                                                            real_embed(shard, enc, bar))[1])
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed after embedding, before the index was written
+
+    with monkeypatch.context() as m:
+        m.setattr(build_mod, "finish", crash)
+        with pytest.raises(KeyboardInterrupt):
+            build_index(index_options(collection[1:], tmp_path / "idx"))
+    assert len(embedded) == 2 and list(tmp_path.glob(".idx.parts-*/shard-*.json"))
+    first_tar = sorted((collection[1] / "val").glob("*.tar"))[0]
+    os.utime(first_tar, ns=(os.stat(first_tar).st_atime_ns, os.stat(first_tar).st_mtime_ns + 10**9))
+    embedded.clear()
+    build_index(index_options(collection[1:], tmp_path / "idx"))
+    assert embedded == [str(first_tar.resolve())]  # the touched shard only
+    assert SearchIndex(tmp_path / "idx").meta["count"] == 24 and not list(tmp_path.glob(".idx.parts-*"))
+
+
 @pytest.mark.slow  # ~20 s on 2 idle cores, ~40 s on busy ones (two spawned processes import torch)
 def test_two_process_build_equals_one_process_build(collection, index_dir, tmp_path):
     out = tmp_path / "idx2"
