@@ -33,7 +33,7 @@ from search.errors import SearchError
 from search.model import ModelIdentity, load, pick_device
 from search.options import IndexOptions
 from search.store import write_index
-from train.api import DistEnv, dist_env_from
+from train.api import DistEnv, dist_env_from, make_comm
 
 
 def _parts_dir(out: Path, digest: str) -> Path:
@@ -223,24 +223,15 @@ def build_index(opts: IndexOptions, env: DistEnv | None = None) -> Path:
     created = _init_dist(env)
     try:
         _embed_rank(shards, env, encoder, parts, opts.progress and env.is_main)
-        if env.distributed:
-            dist.barrier()  # every part is on disk before rank 0 reads them
+        comm = make_comm(env)
+        comm.barrier()  # every part is on disk before rank 0 reads them
         embed_s = time.perf_counter() - t_loaded
-        failure: Exception | None = None
-        if env.is_main:
-            try:
+        # Rank 0 assembles; the others return only once the index exists, and a failure on
+        # rank 0 reaches every rank (PeerError naming it) instead of leaving them waiting.
+        with comm.agreement("writing the index"):
+            if env.is_main:
                 finish(opts, identity, encoder, shards, parts, env.world_size, embed_s, t_start,
                        load_s=t_loaded - t_start)
-            except Exception as e:  # noqa: BLE001 -- told to the other ranks below, then re-raised
-                failure = e
-        if env.distributed:
-            # every rank returns only once the index exists, and fails with rank 0's reason if it could not
-            box = [None if failure is None else str(failure)]
-            dist.broadcast_object_list(box, src=0)
-            if box[0] is not None and failure is None:
-                raise SearchError(f"rank 0 could not write the index: {box[0]}")
-        if failure is not None:
-            raise failure
     finally:
         if created:
             dist.destroy_process_group()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 from search.errors import SearchError
 from search.options import AnnOptions, IndexOptions, LocateOptions, QueryOptions, ServeOptions
-from train.api import dist_env_from
+from train.api import PeerError, dist_env_from
 
 if TYPE_CHECKING:
     from search.store import SearchIndex
@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     except SearchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PeerError as e:  # a rank of a torchrun build failed; every rank says which and why
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # `... | head`: the reader left; not an error of ours, and no traceback for it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -34,6 +34,8 @@ ISOLATED = {2}
 """Layers whose packages must not import each other."""
 SURFACE = "train.api"
 """What eval, launch and search may import from train."""
+SEARCH_MAY_IMPORT_EVAL = {"eval", "eval.features", "eval.dataset", "eval.loaders"}
+"""eval's helpers that search builds on (model features, image decoding, shard reading)."""
 TRAIN_MAY_IMPORT = {"train.trainer": {"eval.api"}}
 """The only edges from train to the other project packages (evaluation during training)."""
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "barrier", "broadcast",
@@ -136,6 +138,10 @@ def layer_violations(edges: list[Edge]) -> list[str]:
                 bad.append(f"{where}: train imports another project package")
         elif src_top in ("eval", "launch", "search") and dst_top == "train" and e.dst != SURFACE:
             bad.append(f"{where}: outside train, import only {SURFACE}")
+        elif src_top == "search" and dst_top == "eval" and e.dst not in SEARCH_MAY_IMPORT_EVAL:
+            bad.append(f"{where}: search uses eval only through {sorted(SEARCH_MAY_IMPORT_EVAL)}")
+        elif src_top in ("eval", "launch", "shards", "configs") and dst_top == "search":
+            bad.append(f"{where}: nothing below search imports it")
         elif src_top == "shards" and dst_top in ("train", "eval", "launch", "search"):
             bad.append(f"{where}: shards stands alone")
         elif src_top == "configs" and dst_top != "configs":

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from train.core.config import Config, load_config
 from train.core.configbase import ConfigError, from_dict, read_yaml, to_dict
 from train.core.distenv import DistEnv, dist_env_from
-from train.core.errors import UserError
+from train.core.errors import PeerError, UserError
 from train.core.rundir import CheckpointDir, RunDir
 
 if TYPE_CHECKING:
@@ -25,6 +25,14 @@ def ensure_torchvision() -> bool:
     from train.core.compat import ensure_torchvision as _ensure
 
     return _ensure()
+
+
+def make_comm(env: DistEnv, device: str | torch.device = "cpu") -> Any:
+    """The collectives of ``env``'s job (:class:`train.core.collectives.Comm`): the one way
+    to talk to other ranks (tensors placed on the communication device, failure agreement)."""
+    from train.core.collectives import Comm
+
+    return Comm(env, device)
 
 
 def load_model(spec: str, device: str | torch.device = "cpu") -> Any:
@@ -42,6 +50,7 @@ def save_local_dir(bundle: Any, folder: str | Path) -> Path:
 
 
 __all__ = [
-    "CheckpointDir", "Config", "ConfigError", "DistEnv", "RunDir", "UserError", "dist_env_from", "ensure_torchvision",
-    "from_dict", "load_config", "load_model", "read_yaml", "save_local_dir", "to_dict",
+    "CheckpointDir", "Config", "ConfigError", "DistEnv", "PeerError", "RunDir", "UserError", "dist_env_from",
+    "ensure_torchvision",
+    "from_dict", "load_config", "load_model", "make_comm", "read_yaml", "save_local_dir", "to_dict",
 ]

@@ -27,13 +27,10 @@ import torch
 import torch.distributed as dist
 
 from train.core.distenv import DistEnv
+from train.core.errors import PeerError
 
 ReduceOp = Literal["sum", "mean", "max", "min"]
 _OPS = {"sum": "SUM", "mean": "SUM", "max": "MAX", "min": "MIN"}
-
-
-class PeerError(RuntimeError):
-    """Another rank (or this one) failed inside an :meth:`Comm.agreement` block."""
 
 
 def comm_device_for(backend: str | None, compute: torch.device) -> torch.device:

@@ -4,7 +4,8 @@ Each section instance of a loaded config is switched to a subclass that records 
 fields are read (reads by the config machinery itself — ``to_dict`` for config.yaml and
 checkpoints, ``dataclasses`` — do not count). Then the product runs the way users run it:
 a training run on synthetic scenes with evaluation, one on local shards with a worker
-process, one on the same shards over HTTP, and the DeepSpeed configuration. A field nobody reads would be a documented switch that
+process, one on the same shards over HTTP, one whose shards are missing, and the DeepSpeed
+configuration. A field nobody reads would be a documented switch that
 silently does nothing.
 """
 
@@ -22,6 +23,7 @@ from tests.train.data.test_remote_shards import ShardServer
 from tests.train.test_trainer import micro_cfg
 from train.core.config import Config, ShardSourceConfig
 from train.core.distenv import DistEnv
+from train.core.errors import UserError
 
 _IGNORED_CALLERS = ("configbase.py", "dataclasses.py", "copy.py", "reprlib.py", "pprint.py")
 
@@ -102,7 +104,13 @@ def test_every_config_key_is_read(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
-    # 4) the DeepSpeed engine's configuration.
+    # 4) shards that are not there yet: the error names the command that builds them.
+    cfg = micro_cfg(tmp_path / "missing", "train.steps=2", "data.source=shards",
+                    f"data.shards=[{{path: {tmp_path / 'nowhere'}, build: 'python -m shards build ...'}}]")
+    track(cfg, "", reads)
+    with pytest.raises(UserError, match="python -m shards build"):
+        run(cfg, DistEnv())
+    # 5) the DeepSpeed engine's configuration.
     cfg = micro_cfg(tmp_path / "ds", "train.engine=deepspeed", "train.steps=2")
     track(cfg, "", reads)
     build_ds_config(cfg.deepspeed, cfg.data.batch_size, cfg.optim.clip_grad_norm, False, 1)

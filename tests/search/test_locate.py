@@ -17,7 +17,7 @@ from search.model import load
 from search.options import LocateOptions
 from search.scene import origins, tile_grid
 from tests.conftest import SHARED_DATA
-from tests.searchutil import MODEL
+from tests.search.util import MODEL
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from search.model import load
 from search.query import Searcher, format_table
 from search.store import SearchIndex
 from tests.distutil import run_distributed
-from tests.searchutil import MODEL, build_collection, dist_build, index_options
+from tests.search.util import MODEL, build_collection, dist_build, index_options
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_torchrun_cli_build_equals_one_process_build(collection, index_dir, tmp_
 
     from tests.distutil import free_port
 
-    root = Path(__file__).resolve().parents[1]
+    from tests import REPO_ROOT as root
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "search", "index", "--model", MODEL, "--shards", *map(str, collection), "--out", str(tmp_path / "tr"),
            "--device", "cpu", "--batch-size", "16", "--no-progress"]

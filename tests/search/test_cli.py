@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from search.cli import main
-from tests.searchutil import MODEL, build_collection
+from tests.search.util import MODEL, build_collection
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import REPO_ROOT as ROOT
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from search.options import ServeOptions
 from search.query import Searcher
 from search.store import SearchIndex
 from search.web import create_app, make_app_server
-from tests.searchutil import build_collection, index_options
+from tests.search.util import build_collection, index_options
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
