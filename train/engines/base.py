@@ -12,7 +12,7 @@ import contextlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Protocol, runtime_checkable
+from typing import Any, Callable, ContextManager, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -105,6 +105,24 @@ def check_parts(parts: EngineParts) -> None:
         raise ConfigError(f"train.accum_steps must be >= 1, got {parts.train.accum_steps}")
     if parts.train.accum_steps > 1:
         check_cacheable(parts.model)
+
+
+_IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+@contextlib.contextmanager
+def keep_implementation_flags(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Load optimizer state without taking the saved run's implementation choices.
+
+    ``Optimizer.load_state_dict`` restores every param-group option, also how the update is
+    computed (fused/foreach kernels): a checkpoint written with another choice — e.g. before
+    AdamW became fused by default — would silently switch this run's kernel and, with the
+    on-device skip of non-finite steps, fail. Hyperparameters still come from the checkpoint.
+    """
+    flags = [{k: g[k] for k in _IMPLEMENTATION_FLAGS if k in g} for g in optimizer.param_groups]
+    yield
+    for group, saved in zip(optimizer.param_groups, flags):
+        group.update(saved)
 
 
 def cpu_has_fast_bf16() -> bool:

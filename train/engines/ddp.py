@@ -19,7 +19,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.nn.parallel import DistributedDataParallel
 
 from train.core.rundir import CheckpointDir
-from train.engines.base import EngineParts, autocast_factory, check_parts, register_engine
+from train.engines.base import EngineParts, autocast_factory, check_parts, keep_implementation_flags, register_engine
 from train.objective import ForwardOptions, forward_backward
 from train.objective.loss import clamp_logit_scale_
 
@@ -108,7 +108,8 @@ class DDPEngine:
         model_state = dict(state["model"])
         consume_prefix_in_state_dict_if_present(model_state, "module.")
         self.model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        with keep_implementation_flags(self.optimizer):
+            self.optimizer.load_state_dict(state["optimizer"])
         if (state.get("scheduler") is None) != (self.scheduler is None):
             raise ValueError("checkpoint and engine disagree on whether there is an LR scheduler")
         if self.scheduler is not None:

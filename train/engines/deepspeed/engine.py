@@ -35,7 +35,7 @@ from torch import nn
 
 from train.core.configbase import ConfigError
 from train.core.rundir import CheckpointDir
-from train.engines.base import EngineParts, check_parts, register_engine, resolve_precision
+from train.engines.base import EngineParts, check_parts, keep_implementation_flags, register_engine, resolve_precision
 from train.engines.ddp import grad_norm_, supports_device_skip
 from train.engines.deepspeed.config import build_ds_config, write_ds_config
 from train.engines.deepspeed.params import assert_no_scalar_params, restore_scalar_shapes, vectorize_scalar_params
@@ -269,9 +269,10 @@ class DeepSpeedEngine:
                 f"stage {self.zero_stage} on {self.env.world_size} ranks. Exact resume needs both equal; to start "
                 f"from its weights only, use model.pretrained={ckpt.model}"
             )
-        loaded, _ = self.ds.load_checkpoint(
-            str(path), tag=meta["tag"], load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        with keep_implementation_flags(self.optimizer):
+            loaded, _ = self.ds.load_checkpoint(
+                str(path), tag=meta["tag"], load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path / meta['tag']}")
         return torch.load(ckpt.extra, weights_only=False)
