@@ -34,7 +34,7 @@ def test_one_line_errors(tmp_path, capsys):
     cases = {
         "typo": (["optim.lrr=1"], "error: unknown config key 'optim.lrr'"),
         "missing shards": (["data.source=shards", f"data.shards=[{{path: {tmp_path / 'nowhere'}}}]"],
-                           f"error: no sizes.json and no *.tar shards in {tmp_path / 'nowhere'}"),
+                           f"error: training shards {tmp_path / 'nowhere'} not found; build them first"),
         "empty shards": (["data.source=shards", f"data.shards=[{{path: {tmp_path / 'empty'}}}]"],
                          f"error: no sizes.json and no *.tar shards in {tmp_path / 'empty'}"),
         "unknown benchmark": (["eval.benchmarks=[no_such_benchmark]"], "error: unknown benchmark 'no_such_benchmark'"),
@@ -77,3 +77,10 @@ def test_help_shows_an_example(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0 and "example: python -m train --config" in capsys.readouterr().out
+
+
+def test_optimizer_and_schedule_settings_are_one_line(tmp_path, capsys):
+    for overrides, expected in [(["optim.lr=0"], "error: need 0 <= optim.min_lr <= optim.lr and lr > 0"),
+                                (["train.log_every=0"], "error: train.log_every must be >= 1")]:
+        rc, lines = _main(_args(tmp_path, *overrides), capsys)
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith(expected), (overrides, lines)

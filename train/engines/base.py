@@ -137,7 +137,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """``bf16`` or ``fp32`` for the towers: ``auto`` is bf16 on CUDA and on CPUs with native
     bf16, fp32 elsewhere; ``fp32`` / ``bf16`` are taken as given."""
     if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"train.precision must be auto, fp32 or bf16, got {precision!r}")
+        raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {precision!r}")
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()) else "fp32"

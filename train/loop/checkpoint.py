@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from train.core.collectives import Comm
+from train.core.configbase import ConfigError
 from train.core.errors import UserError
 from train.core.files import fsync_dir, fsync_tree, sha256_file, write_text_durable
 from train.core.rundir import CheckpointDir, RunDir, step_name
@@ -95,7 +96,7 @@ class CheckpointManager:
 
     def __init__(self, run: RunDir, keep: int, comm: Comm):
         if keep < 1:
-            raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
+            raise ConfigError(f"train.keep_checkpoints must be >= 1, got {keep}")
         self.run, self.keep, self.comm = run, keep, comm
 
     def resolve(self, resume: str | None) -> CheckpointDir | None:

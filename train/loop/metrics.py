@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from train.core.collectives import Comm
-from train.core.configbase import to_dict
+from train.core.configbase import ConfigError, to_dict
 from train.core.rundir import RunDir
 
 log = logging.getLogger("train")
@@ -85,7 +85,7 @@ class MetricLogger:
         max_nonfinite: int = 1,
     ):
         if log_every < 1:
-            raise ValueError(f"train.log_every must be >= 1, got {log_every}")
+            raise ConfigError(f"train.log_every must be >= 1, got {log_every}")
         self.comm, self.device = comm, device
         self.total_steps, self.log_every, self.global_batch = total_steps, log_every, global_batch
         self.max_nonfinite = max_nonfinite

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from train.core.config import OptimConfig
+from train.core.configbase import ConfigError
 from train.model.params import no_decay_names
 
 
@@ -29,7 +30,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             continue  # locked towers: no optimizer state, no update
         (no_decay if name in skip else decay).append(param)
     if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters (check model.lock_image / model.lock_text)")
+        raise ConfigError("the model has no trainable parameters (check model.lock_image / model.lock_text)")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -53,6 +54,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         return cls(groups, betas=cfg.betas, eps=cfg.eps, **common)
     if cfg.name == "adafactor":
         if cfg.fused:
-            raise ValueError("optim.fused is not supported by torch.optim.Adafactor")
+            raise ConfigError("optim.fused is not supported by torch.optim.Adafactor")
         return torch.optim.Adafactor(groups, **common)
-    raise ValueError(f"unknown optim.name {cfg.name!r} (adamw, adam, adafactor)")
+    raise ConfigError(f"unknown optim.name {cfg.name!r} (adamw, adam, adafactor)")

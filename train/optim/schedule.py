@@ -13,12 +13,13 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from train.core.config import OptimConfig
+from train.core.configbase import ConfigError
 
 
 def warmup_steps_for(cfg: OptimConfig, total_steps: int) -> int:
     """Warmup length: the larger of ``warmup_steps`` and ``warmup_fraction * total_steps``."""
     if cfg.warmup_steps < 0 or not 0.0 <= cfg.warmup_fraction <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"optim.warmup_steps must be >= 0 and optim.warmup_fraction in [0, 1], got "
             f"{cfg.warmup_steps} and {cfg.warmup_fraction}"
         )
@@ -41,7 +42,7 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     if total_steps <= 0:
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
     if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
-        raise ValueError(f"need 0 <= optim.min_lr <= optim.lr and lr > 0, got lr={cfg.lr} min_lr={cfg.min_lr}")
+        raise ConfigError(f"need 0 <= optim.min_lr <= optim.lr and lr > 0, got lr={cfg.lr} min_lr={cfg.min_lr}")
     warmup = warmup_steps_for(cfg, total_steps)
     if step < warmup:
         # (step + 1) so the first step already trains; the last warmup step reaches lr.
@@ -56,7 +57,7 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
     if cfg.schedule == "linear":
         return cfg.lr - (cfg.lr - cfg.min_lr) * progress
-    raise ValueError(f"unknown optim.schedule {cfg.schedule!r}")
+    raise ConfigError(f"unknown optim.schedule {cfg.schedule!r}")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:

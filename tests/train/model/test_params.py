@@ -5,25 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import REPO_ROOT as ROOT
 from train.core.config import ModelConfig
 from train.model import build_model
 from train.model.params import is_no_decay, no_decay_names
 
 ARCH = "orbit-micro"
-
-
-@pytest.fixture(scope="module")
-def micro_clip() -> torch.nn.Module:
-    """A real open_clip CLIP (orbit-micro), so parameter names are the real ones."""
-    import train.core.compat
-
-    train.core.compat.ensure_torchvision()
-    import open_clip
-
-    open_clip.add_model_config(str(ROOT / "configs" / "models" / "orbit-micro.json"))
-    torch.manual_seed(0)
-    return open_clip.create_model("orbit-micro")
 
 
 def test_no_decay_rule_on_open_clip_names(micro_clip):

@@ -16,19 +16,6 @@ from train.optim.schedule import build_scheduler, lr_at, warmup_steps_for
 from tests import REPO_ROOT as ROOT
 
 
-@pytest.fixture(scope="module")
-def micro_clip() -> torch.nn.Module:
-    """A real open_clip CLIP (orbit-micro), so parameter names are the real ones."""
-    import train.core.compat
-
-    train.core.compat.ensure_torchvision()
-    import open_clip
-
-    open_clip.add_model_config(str(ROOT / "configs" / "models" / "orbit-micro.json"))
-    torch.manual_seed(0)
-    return open_clip.create_model("orbit-micro")
-
-
 def test_param_groups_cover_trainable_params_once(micro_clip):
     groups = param_groups(micro_clip, weight_decay=0.1)
     ids = [id(p) for g in groups for p in g["params"]]
