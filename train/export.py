@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import shutil
 import sys
@@ -40,7 +39,7 @@ from train.core.config import Config, load_config
 from train.core.errors import UserError
 from train.core.rundir import CheckpointDir, RunDir, parse_step
 from train.model import (
-    LOCAL_DIR_CONFIG, LOCAL_DIR_WEIGHTS, ClipBundle, load_model, load_run_weights, save_local_dir, save_model_config,
+    LOCAL_DIR_CONFIG, ClipBundle, load_model, load_run_weights, save_local_dir, save_model_config,
     saved_step,
 )
 

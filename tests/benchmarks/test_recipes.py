@@ -8,7 +8,6 @@ them (not a unit test).
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 

@@ -8,7 +8,6 @@ as eager code does, which the feature cache's RNG replay (and exact resume) rely
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 

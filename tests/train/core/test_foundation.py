@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from train.core.config import Config, load_config, save_config
+from train.core.config import load_config, save_config
 from train.core.configbase import ConfigError
 from train.core.distenv import DistEnv, dist_env_from, first_host
 

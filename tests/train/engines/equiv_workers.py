@@ -90,8 +90,6 @@ def make_engine(model: torch.nn.Module, rank: int, world: int, kind: str, accum:
     opt = RecordingAdamW(list(model.named_parameters()), lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
     env = DistEnv(rank=rank, world_size=world)
-    if broken_gather:
-        loss_fn = (ClipLoss if kind == "clip" else SigLipLoss)(gather_fn=all_gather_no_grad)
     cfg = Config()
     cfg.loss.kind, cfg.train.accum_steps, cfg.train.precision = kind, accum, precision
     cfg.optim.clip_grad_norm = CLIP_GRAD

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from train.model.params import is_no_decay
 from train.optim.optimizer import build_optimizer, param_groups
 from train.optim.schedule import build_scheduler, lr_at, warmup_steps_for
 
-from tests import REPO_ROOT as ROOT
 
 
 def test_param_groups_cover_trainable_params_once(micro_clip):
