@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +11,13 @@ from submitit.core.utils import JobPaths, pickle_load
 
 from launch.jobs import RECORD, JobRecord, read_records
 from launch.task import input_error_line
+from train.api import RunDir
 
 
-RUN_MARKERS = (RECORD, "config.yaml", "checkpoints", "tb")
-"""What a run directory holds once launched (the record) or trained (the rest)."""
+def run_markers(run_dir: Path) -> tuple[Path, ...]:
+    """What a run directory holds once launched (the job record) or trained (the rest)."""
+    run = RunDir(run_dir)
+    return (run_dir / RECORD, run.config, run.checkpoints, run.tb)
 
 
 @dataclass
@@ -45,21 +47,17 @@ class RunStatus:
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path | None, int | None, str | None]:
-    """``checkpoints/latest`` (a text file naming ``step_XXXXXXX``) -> (folder, step, problem)."""
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None, None, None
-    name = pointer.read_text().strip()
-    folder = pointer.parent / name
-    if not name or not folder.is_dir():
-        return None, None, f"{pointer} names {name!r}, which is not a checkpoint folder"
-    m = re.fullmatch(r"step_(\d+)", name)
-    return folder, (int(m.group(1)) if m else None), None
+    """What ``checkpoints/latest`` names -> (folder, step, problem)."""
+    try:
+        ckpt = RunDir(run_dir).latest()
+    except FileNotFoundError as e:
+        return None, None, str(e)
+    return (ckpt.path, ckpt.step, None) if ckpt is not None else (None, None, None)
 
 
 def last_logged_step(run_dir: Path) -> int | None:
     """Largest step of any TensorBoard scalar under ``run_dir/tb`` (None without event files)."""
-    tb = run_dir / "tb"
+    tb = RunDir(run_dir).tb
     if not tb.is_dir() or not any(tb.rglob("events.out.tfevents.*")):
         return None
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
@@ -123,8 +121,9 @@ def run_status(run_dir: Path) -> RunStatus:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
-    if not any((run_dir / name).exists() for name in RUN_MARKERS):
-        raise FileNotFoundError(f"{run_dir} is not a run directory (none of {', '.join(RUN_MARKERS)} in it)")
+    markers = run_markers(run_dir)
+    if not any(m.exists() for m in markers):
+        raise FileNotFoundError(f"{run_dir} is not a run directory (none of {', '.join(m.name for m in markers)} in it)")
     out = RunStatus(run_dir.resolve())
     records, out.problems = read_records(run_dir)
     out.jobs = [job_status(r) for r in records]

@@ -20,7 +20,7 @@ SHIPPED = ["configs/demo.yaml", "configs/models/orbit-tiny.json", "configs/bench
            "configs/deepspeed/zero2.json", "configs/recipes/eurosat_scratch_cpu.yaml", "configs/deepspeed/README.md"]
 SCRIPTS = {"orbitclip-train": "train.cli:main", "orbitclip-export": "train.export:main",
            "orbitclip-eval": "eval.cli:main", "orbitclip-shards": "shards.cli:main",
-           "orbitclip-launch": "launch.cli:main"}
+           "orbitclip-launch": "launch.cli:main", "orbitclip-search": "search.cli:main"}
 _SOURCES = ["setup.cfg", "pyproject.toml", "README.md", "train", "eval", "shards", "launch", "configs", "search"]
 
 
