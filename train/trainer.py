@@ -30,6 +30,7 @@ from train.core.rng import capture_process, restore_process, seed_everything, st
 from train.core.rundir import CheckpointDir, RunDir
 from train.data import build_train_loader
 from train.engines import EngineParts, build_engine
+from train.engines.base import choose_precision
 from train.loop.checkpoint import CheckpointManager
 from train.loop.metrics import MetricLogger
 from train.loop.pictures import batch_grid, png_image
@@ -121,6 +122,7 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
         parts = EngineParts.from_config(cfg, model, optimizer, scheduler, env, device, comm)
         self.engine = build_engine(cfg.train.engine, parts)
+        log.info("precision %s (%s) on %s", *choose_precision(cfg.train.precision, torch.device(device)), device)
         self.checkpoints = CheckpointManager(self.run, cfg.train.keep_checkpoints, comm)
         self.step, self.saved_step = 0, -1
         rng = self._restore(self.checkpoints.resolve(cfg.train.resume))

@@ -48,6 +48,12 @@ def test_one_line_errors(tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith(expected), (name, lines)
 
 
+def test_a_bad_cpu_bf16_override_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ORBITCLIP_CPU_BF16", "yes")
+    rc, lines = _main(_args(tmp_path, "train.precision=auto"), capsys)
+    assert rc == 2 and lines == ["error: ORBITCLIP_CPU_BF16 must be 0 or 1 (or unset to detect), got 'yes'"]
+
+
 def _resume_on_two_ranks(rank: int, world: int, root: str) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

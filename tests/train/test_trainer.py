@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.distutil import run_distributed
+from tests.precision import TOLERANCE
 from train.cli import main
 from train.core.collectives import Comm
 from train.core.config import Config, load_config
@@ -24,6 +25,8 @@ MICRO = [
     "model.name=orbit-micro", "data.source=synthetic", "data.batch_size=8", "data.workers=0",
     "data.synthetic_samples=64", "data.synthetic_image_size=32", "train.log_every=2",
     "train.checkpoint_every=3", "train.progress=false", "optim.warmup_steps=2",
+    # Runs are compared bit for bit or at fp32 rounding: fp32 explicitly, whatever the CPU.
+    "train.precision=fp32",
 ]
 
 
@@ -200,7 +203,7 @@ def test_main_cli_errors(tmp_path, capsys):
     assert "optim.nope" in capsys.readouterr().err
 
 
-def _two_ranks(rank: int, world: int, root: str) -> dict:
+def _two_ranks(rank: int, world: int, root: str, precision: str) -> dict:
     env = DistEnv(rank=rank, world_size=world)
     # 1) MetricLogger alone: rank-dependent values are averaged, a NaN on one rank stops both,
     #    and a stop requested on rank 1 only is agreed by both at the flush.
@@ -220,21 +223,27 @@ def _two_ranks(rank: int, world: int, root: str) -> dict:
     logger.close()
     stop = flags["stop"]
     # 3) The whole trainer at world 2.
-    result = run(micro_cfg(Path(root) / "w2", "train.steps=2", "train.log_every=1", "data.batch_size=4"), env)
+    result = run(micro_cfg(Path(root) / "w2", "train.steps=2", "train.log_every=1", "data.batch_size=4",
+                           f"train.precision={precision}"), env)
     losses = [v for _, v in scalars(result.run_dir)["train/loss"]] if rank == 0 else None
     return {"unit": unit, "nan": nan_error, "stop": stop, "losses": losses, "step": result.step}
 
 
-def test_metrics_reduced_across_two_ranks(tmp_path):
-    out = run_distributed(_two_ranks, 2, str(tmp_path), timeout=240)
+def test_metrics_reduced_across_two_ranks(tmp_path, cpu_bf16, caplog):
+    """Under both answers to "native bf16?", with ``train.precision: auto`` (the default)."""
+    caplog.set_level("INFO", logger="train")
+    out = run_distributed(_two_ranks, 2, str(tmp_path), "auto", timeout=240)
     assert [o["unit"] for o in out] == [2.5, 2.5]  # mean over steps and ranks, not rank 0's 2.0
     assert all("step 3" in o["nan"] for o in out) and "r1" in out[1]["nan"]
     assert [o["stop"] for o in out] == [True, True]
     assert [o["step"] for o in out] == [2, 2]
     # The logged loss of 2 ranks x 4 samples is the full-batch loss of 1 rank x 8 samples.
-    single = run(micro_cfg(tmp_path / "w1", "train.steps=2", "train.log_every=1", "data.batch_size=8"))
+    single = run(micro_cfg(tmp_path / "w1", "train.steps=2", "train.log_every=1", "data.batch_size=8",
+                           "train.precision=auto"))
     full = [v for _, v in scalars(single.run_dir)["train/loss"]]
-    assert out[0]["losses"] == pytest.approx(full, rel=1e-5, abs=1e-6)
+    # fp32: the same loss to rounding; bf16: the towers round 2 x 4 and 1 x 8 samples differently.
+    assert out[0]["losses"] == pytest.approx(full, rel=TOLERANCE[cpu_bf16]["loss"], abs=1e-6)
+    assert f"precision {cpu_bf16} (auto: " in caplog.text  # what ran, and the start line says why
 
 
 def test_pictures_reach_tensorboard(tmp_path):

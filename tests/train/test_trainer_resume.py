@@ -37,7 +37,9 @@ def write_config(path: Path, data: dict, extra: dict | None = None) -> Path:
                  "caption_sampling": "random", **data},
         "loss": extra.get("loss", {"kind": "clip"}),
         "optim": {"warmup_steps": 2},
-        "train": {"steps": STEPS, "checkpoint_every": 3, "log_every": 1, "progress": False, **extra.get("train", {})},
+        # Bit-identical resume is checked in fp32 unless a test asks for `auto` (both answers).
+        "train": {"steps": STEPS, "checkpoint_every": 3, "log_every": 1, "progress": False, "precision": "fp32",
+                  **extra.get("train", {})},
     }
     path.write_text(yaml.safe_dump(base))
     return path
@@ -85,8 +87,10 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
-    config = write_config(tmp_path / "cfg.yaml", {"source": "synthetic", "workers": 0}, RANDOM)
+def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, cpu_bf16):
+    """In fp32 and, on a CPU with native bf16, in bf16 autocast (``auto``): bit-identical in both."""
+    extra = {**RANDOM, "train": {**RANDOM["train"], "precision": "auto"}}
+    config = write_config(tmp_path / "cfg.yaml", {"source": "synthetic", "workers": 0}, extra)
     base_dir, run_dir = tmp_path / "base", tmp_path / "run"
     baseline = start(config, base_dir)  # runs alongside the interrupted chain
     # 1) killed after checkpoint 6 is written but before it is renamed: latest stays at 3.
@@ -100,7 +104,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
     assert latest(run_dir) in {f"step_{s:07d}" for s in (6, 9, 12, 15)}
     # 4) resumed to the end.
     err = finish(start(config, run_dir), 0)
-    assert "resumed from" in err
+    assert "resumed from" in err and f"precision {cpu_bf16} (auto: " in err
     finish(baseline, 0)
     assert latest(run_dir) == latest(base_dir) == f"step_{STEPS:07d}"
     assert_same_weights(run_dir, base_dir)

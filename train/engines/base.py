@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Protocol, runtime_checkable
@@ -125,22 +126,57 @@ def keep_implementation_flags(optimizer: torch.optim.Optimizer) -> Iterator[None
         group.update(saved)
 
 
+CPU_BF16_ENV = "ORBITCLIP_CPU_BF16"
+"""Overrides what :func:`cpu_has_fast_bf16` detects: ``1`` = native bf16, ``0`` = not. The test
+suite sets it so that no test depends on the CPU it meets, and runs the precision-sensitive
+tests under both answers."""
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX): measured 1.4x faster
-    than fp32 on such a CPU, about 12x slower on an AVX2-only Zen 3."""
+    than fp32 on such a CPU, about 12x slower on an AVX2-only Zen 3.
+
+    Raises:
+        ConfigError: ``ORBITCLIP_CPU_BF16`` is set to something other than 0 or 1.
+    """
+    forced = _forced_cpu_bf16()
+    if forced is not None:
+        return forced
     cpu = getattr(torch, "cpu", None)
     checks = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(bool(c()) for c in checks if callable(c))
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``bf16`` or ``fp32`` for the towers: ``auto`` is bf16 on CUDA and on CPUs with native
-    bf16, fp32 elsewhere; ``fp32`` / ``bf16`` are taken as given."""
+def _forced_cpu_bf16() -> bool | None:
+    value = os.environ.get(CPU_BF16_ENV, "").strip()
+    if value in ("", "auto"):
+        return None
+    if value not in ("0", "1"):
+        raise ConfigError(f"{CPU_BF16_ENV} must be 0 or 1 (or unset to detect), got {value!r}")
+    return value == "1"
+
+
+def choose_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """``(bf16|fp32, why)`` for the towers: ``auto`` is bf16 on CUDA and on CPUs with native
+    bf16, fp32 elsewhere; ``fp32`` / ``bf16`` are taken as given. ``why`` is for the log."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {precision!r}")
     if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()) else "fp32"
+        return precision, f"train.precision={precision}"
+    if device.type == "cuda":
+        return "bf16", "auto on CUDA"
+    if device.type != "cpu":
+        return "fp32", f"auto on {device.type}"
+    native = cpu_has_fast_bf16()
+    forced = f" (forced by {CPU_BF16_ENV})" if _forced_cpu_bf16() is not None else ""
+    if native:
+        return "bf16", f"auto: this CPU has native bf16 (AVX-512 BF16 or AMX){forced}"
+    return "fp32", f"auto: this CPU has no native bf16 (bf16 would be emulated, ~12x slower){forced}"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``bf16`` or ``fp32`` for the towers (see :func:`choose_precision`)."""
+    return choose_precision(precision, device)[0]
 
 
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], ContextManager]:

@@ -115,7 +115,7 @@ def _count_reductions(engine: DDPEngine) -> list[int]:
 
 
 def train_case(rank: int, world: int, init_state: dict, kind: str, accum: int,
-               broken_gather: bool = False, steps: int = STEPS) -> dict[str, Any]:
+               broken_gather: bool = False, steps: int = STEPS, precision: str = "fp32") -> dict[str, Any]:
     """Train a fresh model from ``init_state`` on this rank's slices of the global stream.
 
     Returns:
@@ -125,7 +125,7 @@ def train_case(rank: int, world: int, init_state: dict, kind: str, accum: int,
     """
     model = make_model(kind)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in init_state.items()})
-    engine = make_engine(model, rank, world, kind, accum, broken_gather)
+    engine = make_engine(model, rank, world, kind, accum, broken_gather, precision)
     bucket_reductions = _count_reductions(engine) if world > 1 else [0]
     metrics = [engine.step(make_batch(t, rank, world, model)) for t in range(steps)]
     return {
@@ -147,15 +147,15 @@ def _rank_disagreement(params: dict[str, np.ndarray]) -> float:
 def equivalence_worker(
     rank: int, world: int, init_states: dict, cases: list[tuple], ckpt_folder: str | None = None
 ) -> dict | None:
-    """Run each ``(name, kind, accum, broken)`` case; rank 0 returns ``{name: train_case result}``.
+    """Run each ``(name, kind, accum, broken[, precision])`` case; rank 0 returns ``{name: result}``.
 
     Each result also carries ``rank_disagreement`` (max |param difference| between ranks).
     With ``ckpt_folder``, :func:`checkpoint_roundtrip` runs too (under ``"checkpoint"``);
     one spawn for both saves the processes' start-up time.
     """
     out = {}
-    for name, kind, accum, broken in cases:
-        res = train_case(rank, world, init_states[kind], kind, accum, broken)
+    for name, kind, accum, broken, *precision in cases:
+        res = train_case(rank, world, init_states[kind], kind, accum, broken, precision=(precision or ["fp32"])[0])
         res["rank_disagreement"] = _rank_disagreement(res["params"])
         out[name] = res
     if ckpt_folder is not None:

@@ -83,6 +83,11 @@ def test_ds_config_from_our_config_and_presets(tmp_path):
     assert auto_gpu["bf16"]["enabled"] is True
 
 
+def test_ds_bf16_follows_auto_on_either_cpu(tmp_path, cpu_bf16):
+    ds = ds_json(make_cfg(tmp_path, "deepspeed", 2, train__precision="auto"), 2, device_type="cpu")
+    assert ds["bf16"]["enabled"] is (cpu_bf16 == "bf16")
+
+
 @pytest.mark.parametrize(
     "user, words",
     [
