@@ -10,18 +10,27 @@ copies one micro-batch at a time to the device (copy time included in the step);
 ``--batch-on device`` puts the whole batch on the device first (copy time excluded,
 but the inputs alone of 65k x 224 px take 37 GiB). Peak memory: CUDA allocator peak
 on GPU, process peak RSS on CPU.
+
+Each size runs in a fresh process (``--one N``): torch's pinned-host allocator keeps its
+power-of-two blocks until the process ends, so sizes measured in one process would pile up
+(63 GiB pinned after 1k..32k), and an out-of-memory kill of one size must not take the
+others' rows with it. Rows reach the JSON as each size finishes.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import subprocess
+import sys
 
 import torch
 
 from benchmarks.openclip_ref import ROOT
 from benchmarks.procstats import current_rss_bytes
-from benchmarks.report import write_report
+from benchmarks.report import Report
 from benchmarks.train_throughput import Setup, make_config, peak_gib, reset_peak, sync, timed_steps
 
 GIB_TARGET = 60.0
@@ -53,8 +62,10 @@ def measure(model: str, batch: int, micro: int, steps: int, warmup: int, device:
         row.update(step_s=secs / steps, samples_per_s=batch * steps / secs, peak_mem_gib=peak,
                    step_extra_gib=peak - before)
         row["status"] = "ok" if device.type != "cuda" or row["peak_mem_gib"] < GIB_TARGET else f">= {GIB_TARGET} GiB"
-    except torch.cuda.OutOfMemoryError as e:
-        row.update(status="OOM", error=str(e).splitlines()[0])
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        row.update(status="OOM", error=(str(e).splitlines() or [repr(e)])[0])
+    except RuntimeError as e:  # pinned-host or allocator failures are plain RuntimeErrors
+        row.update(status="failed", error=(str(e).splitlines() or [repr(e)])[0][:300])
     finally:
         del setup
         gc.collect()
@@ -62,6 +73,24 @@ def measure(model: str, batch: int, micro: int, steps: int, warmup: int, device:
             torch.cuda.empty_cache()
             sync(device)
     return row
+
+
+def measure_in_child(args: argparse.Namespace, batch: int, timeout: float) -> dict:
+    """:func:`measure` for one size in a fresh process (see the module docstring)."""
+    cmd = [sys.executable, "-m", "benchmarks.batch_memory", "--one", str(batch), "--model", args.model,
+           "--micro", str(args.micro), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--device", args.device, "--batch-on", args.batch_on]
+    base = {"model": args.model, "effective_batch": batch, "micro_batch": min(args.micro, batch)}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    except subprocess.TimeoutExpired:
+        return {**base, "status": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        why = "killed (out of host memory?)" if proc.returncode in (-9, 137) else f"exit {proc.returncode}"
+        tail = (proc.stderr.strip().splitlines() or [""])[-1][:300]
+        return {**base, "status": why, "error": tail}
+    return json.loads(lines[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,15 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch-on", default="host", choices=["host", "device"],
                    help="where the effective batch waits before the step (default: host, as from the loader)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds allowed per size")
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child: measure one size, print its row
     p.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "batch_memory.json"))
     a = p.parse_args(argv)
     device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and gpu) else "cpu")
-    rows = []
+    if a.one is not None:
+        print(json.dumps(measure(a.model, a.one, min(a.micro, a.one), a.steps, a.warmup, device, a.batch_on)))
+        return 0
+    report = Report(a.out, "batch_memory", device=str(device), target_gib=GIB_TARGET,
+                    memory="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM), one process per size")
     for n in a.batches:
-        rows.append(measure(a.model, n, min(a.micro, n), a.steps, a.warmup, device, a.batch_on))
-        print(rows[-1], flush=True)
-    write_report(a.out, "batch_memory", rows, device=str(device), memory="cuda max_memory_allocated"
-                 if device.type == "cuda" else "peak RSS (VmHWM, reset per size)", target_gib=GIB_TARGET)
+        report.add(measure_in_child(a, n, a.timeout))
+    report.finish()
     return 0
 
 

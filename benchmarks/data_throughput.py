@@ -21,9 +21,15 @@ from pathlib import Path
 
 from benchmarks.bench_data import SHARED_RSICD, rsicd_shards, synthetic_shards
 from benchmarks.openclip_ref import ROOT, ref_env
-from benchmarks.report import write_report
+from benchmarks.report import Report
 
 TARGET_RATIO = 2.0
+
+
+def with_root(pythonpath: str | None) -> str:
+    """PYTHONPATH with the repository first, keeping what was there (e.g. the folder the GPU
+    check installs its carried wheels into: dropping it loses open_clip and webdataset)."""
+    return os.pathsep.join([str(ROOT), *([pythonpath] if pythonpath else [])])
 
 
 def run_probe(pipeline: str, shards: Path, workers: int, batch_size: int, image_size: int, warmup: int,
@@ -33,7 +39,7 @@ def run_probe(pipeline: str, shards: Path, workers: int, batch_size: int, image_
     Raises:
         RuntimeError: the probe failed (its output tail is in the message).
     """
-    env = ref_env() if pipeline == "openclip" else dict(os.environ, PYTHONPATH=str(ROOT))
+    env = ref_env() if pipeline == "openclip" else dict(os.environ, PYTHONPATH=with_root(os.environ.get("PYTHONPATH")))
     env["OMP_NUM_THREADS"] = "1"  # one thread per process: the worker count is the CPU budget
     cmd = [sys.executable, "-m", "benchmarks.pipeline_probe", "--pipeline", pipeline, "--shards", str(shards),
            "--workers", str(workers), "--batch-size", str(batch_size), "--image-size", str(image_size),
@@ -100,17 +106,27 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shards, source = synthetic_shards(a.count, a.image_size), "synthetic"
     raw: dict[tuple[str, int], list[dict]] = {}
+    # The JSON holds every probe as it finishes (meta.raw) and the medians once all are in.
+    report = Report(a.out, "data_throughput", shards=str(shards), source=source, image_size=a.image_size,
+                    batch_size=a.batch_size, warmup=a.warmup, batches=a.batches, raw=[])
     for _ in range(a.repeats):
         for w in a.workers:
             for pipeline in a.pipelines:
-                r = run_probe(pipeline, shards, w, a.batch_size, a.image_size, a.warmup, a.batches, a.model)
+                try:
+                    r = run_probe(pipeline, shards, w, a.batch_size, a.image_size, a.warmup, a.batches, a.model)
+                except RuntimeError as e:  # one failing pipeline keeps the other's results
+                    report.meta["raw"].append({"pipeline": pipeline, "workers": w, "failed": str(e)[-500:]})
+                    report.add({"pipeline": pipeline, "workers": w, "status": "failed"})
+                    continue
                 print(json.dumps(r), flush=True)
                 raw.setdefault((pipeline, w), []).append(r)
+                report.meta["raw"].append(r)
+                report.save()
     rows = [summarize(runs) for runs in raw.values()]
     rows.sort(key=lambda r: (r["workers"], r["pipeline"] != "ours"))
-    rows += compare(rows)
-    write_report(a.out, "data_throughput", rows, shards=str(shards), source=source, image_size=a.image_size,
-                 batch_size=a.batch_size, warmup=a.warmup, batches=a.batches, raw=[r for v in raw.values() for r in v])
+    for row in rows + compare(rows):
+        report.add(row, echo=False)
+    report.finish()
     return 0
 
 

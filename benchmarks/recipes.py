@@ -4,6 +4,7 @@
     python -m benchmarks.recipes run eurosat_scratch_cpu [--record] [overrides ...]
     python -m benchmarks.recipes check                 # re-run the CPU recipes, fail on a drop
     python -m benchmarks.recipes table                 # regenerate configs/recipes/RESULTS.md
+    python -m benchmarks.recipes stage NAME --out X.json [overrides]   # the GPU check's stage
 
 ``run`` builds the recipe's shards if they are missing, trains (``torchrun`` with the
 recipe's processes, one OpenMP thread each on CPU), times it, evaluates the run and a
@@ -237,6 +238,30 @@ def compare(record: dict, recorded: dict, tolerance_points: float) -> list[str]:
     return problems
 
 
+def run_stage(names: list[str], overrides: list[str], out: str) -> int:
+    """Each recipe with ``overrides`` (e.g. a step count that fits a time box), evaluated by the
+    harness; a row per recipe as it finishes, a reported skip where its data is absent."""
+    from benchmarks.report import Report
+
+    report = Report(out, "recipes", overrides=overrides)
+    failed = False
+    for name in names:
+        why = missing_data(RECIPES[name])
+        if why:
+            report.add({"recipe": name, "status": f"skipped: {why}"})
+            continue
+        try:
+            record = run_recipe(name, overrides, run_name=f"{name}-stage")
+        except subprocess.CalledProcessError as e:
+            failed = True
+            report.add({"recipe": name, "status": f"failed: {shlex.join(map(str, e.cmd))[:200]} exited {e.returncode}"})
+            continue
+        report.add({"recipe": name, "status": "ok", "train_wall_s": record["train_wall_s"],
+                    "eval_wall_s": record["eval_wall_s"], **record["metrics"]})
+    report.finish()
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.recipes", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -248,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("names", nargs="*", help="default: every recorded CPU recipe")
     c.add_argument("--tolerance", type=float, default=2.0, help="allowed drop in points")
     sub.add_parser("table")
+    st = sub.add_parser("stage", help="run recipes cut short by overrides; one JSON row each (GPU check)")
+    st.add_argument("name", choices=sorted(RECIPES))
+    st.add_argument("--out", required=True)
     args, overrides = p.parse_known_args(argv)
+    if args.cmd == "stage":
+        return run_stage([args.name], overrides, args.out)
     if args.cmd == "list":
         for name, rec in RECIPES.items():
             print(f"{name:24s} {rec.config}  budget {rec.budget_s / 60:.0f} min  {'CPU' if rec.cpu else 'GPU'}")

@@ -13,10 +13,23 @@ from typing import Any, Sequence
 import torch
 
 
+def cpu_model() -> str:
+    """lscpu's model name plus the vector extensions timings depend on (matmul, bf16, faiss)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "unknown")
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in flags]
+    return f"{name} ({', '.join(ext) or 'no AVX2'})"
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on (they mean nothing without it)."""
     info: dict[str, Any] = {
         "host": platform.node(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -54,11 +67,55 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     return "\n".join([line(columns), sep, *(line(r) for r in cells)])
 
 
+class Report:
+    """A benchmark's JSON, rewritten (atomically) after every row, so that a stage killed by
+    its time box or failing halfway keeps the rows it finished; :meth:`finish` prints the table.
+
+    ``status`` in the JSON is ``running`` until :meth:`finish` (``complete``) or
+    :meth:`fail` (``failed`` with the error line).
+    """
+
+    def __init__(self, path: str | Path, name: str, **meta: Any) -> None:
+        self.path, self.name, self.meta = Path(path), name, dict(meta)
+        self.rows: list[dict[str, Any]] = []
+        self.machine = machine_info()
+        self.status, self.error = "running", None
+        self.save()
+
+    def add(self, row: dict[str, Any], echo: bool = True) -> None:
+        """Append one finished row and write the file."""
+        self.rows.append(row)
+        if echo:
+            print(json.dumps(row, default=str), flush=True)
+        self.save()
+
+    def finish(self, **meta: Any) -> None:
+        """Mark the benchmark complete (adding ``meta``) and print the table."""
+        self.meta.update(meta)
+        self.status = "complete"
+        self.save()
+        where = self.machine.get("gpu") or f"{os.cpu_count()} CPU cores"
+        print(f"\n{self.name} ({where}); JSON: {self.path}")
+        print(format_table(self.rows))
+
+    def fail(self, error: BaseException | str) -> None:
+        """Record why the benchmark stopped before finishing (rows so far are kept)."""
+        self.status, self.error = "failed", str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        self.save()
+
+    def save(self) -> None:
+        """Write the JSON now (atomically), e.g. after changing :attr:`meta`."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"benchmark": self.name, "status": self.status, "error": self.error, "machine": self.machine,
+                   "meta": self.meta, "rows": self.rows}
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+
 def write_report(path: str | Path, name: str, rows: list[dict[str, Any]], **meta: Any) -> None:
-    """Write ``{"benchmark", "machine", "meta", "rows"}`` as JSON and print the table last."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "machine": machine_info(), "meta": meta, "rows": rows}
-    path.write_text(json.dumps(payload, indent=2))
-    print(f"\n{name} ({payload['machine'].get('gpu') or str(os.cpu_count()) + ' CPU cores'}); JSON: {path}")
-    print(format_table(rows))
+    """Write ``{"benchmark", "status", "machine", "meta", "rows"}`` as JSON and print the table last."""
+    report = Report(path, name, **meta)
+    for row in rows:
+        report.add(row, echo=False)
+    report.finish()

@@ -26,23 +26,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from benchmarks.report import write_report
+from benchmarks.report import cpu_model, write_report
 from search import ann
 from search.options import AnnOptions
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cpu_model() -> str:
-    """lscpu's model name plus the vector extensions that matter for faiss (timings depend on them)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "unknown")
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni") if f in flags]
-    return f"{name} ({', '.join(ext) or 'no AVX2'})"
 
 
 def vectors(n: int, dim: int, kind: str, seed: int) -> np.ndarray:

@@ -6,14 +6,18 @@ Per model, with our own model/loader/optimizer/engine builders (the trainer's ho
 
 - ``compute``: one batch already on the device, ``engine.step`` in a loop;
 - ``e2e``: batches from shards on local disk through ``train.data.batch`` + ``engine.step``;
-- ``breakdown`` (instrumented, ``--breakdown``): the same step cut into data wait, forward,
-  backward, collectives and optimizer with CUDA events (perf_counter on CPU). Only this
-  mode synchronizes per step; the timed modes synchronize only at their two ends.
+- ``breakdown`` (``--breakdown``): the same ``engine.step`` cut into the phases the engine
+  marks itself (:mod:`train.core.phases`: forward, loss, backward, collectives, optimizer)
+  with CUDA events (perf_counter on CPU), plus the host's wait for the batch. Only this
+  mode synchronizes (once per step, after it); the timed modes only at their two ends.
 
 FLOPs of one step come from ``torch.utils.flop_counter.FlopCounterMode``; MFU divides the
 achieved FLOP/s by ``--peak-flops`` (H100 bf16 dense) and, with ``--measure-peak``, also by
 a measured matmul rate. ``--openclip MODEL ...`` runs open_clip_train on the same shards,
 batch, precision and workers and reports ours/theirs (end to end).
+
+Rows are written to the JSON as each finishes (:class:`benchmarks.report.Report`): a run
+stopped by its time box, or a failing reference, keeps every finished row.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from benchmarks.bench_data import synthetic_shards
 from benchmarks.flops import H100_BF16_DENSE, count_flops, measure_matmul_peak, mfu
 from benchmarks.openclip_ref import ROOT
 from benchmarks.procstats import peak_rss_bytes, reset_peak_rss
-from benchmarks.report import write_report
+from benchmarks.report import Report
+from train.core import phases
+from train.core.phases import PHASES
 
-PHASES = ("data", "forward", "backward", "collectives", "optimizer")
 
 
 def make_config(model: str, batch_size: int, shards: Path | None, workers: int, precision: str,
@@ -140,72 +145,58 @@ def timed_steps(step: Callable[[], Any], warmup: int, steps: int, device: torch.
     return time.perf_counter() - t0
 
 
-class PhaseClock:
-    """Marks phase boundaries with CUDA events (or perf_counter on CPU)."""
+class PhaseTimer:
+    """A :mod:`train.core.phases` listener: marks each phase's edges with CUDA events (or
+    perf_counter on CPU); read the durations after the step (one synchronization)."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.marks: list[Any] = []
+        self.spans: list[tuple[str, Any, Any]] = []
+        self._open: dict[str, Any] = {}
 
-    def mark(self) -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.marks.append(ev)
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def __call__(self, name: str, starting: bool) -> None:
+        if starting:
+            self._open[name] = self._mark()
         else:
-            self.marks.append(time.perf_counter())
+            self.spans.append((name, self._open.pop(name), self._mark()))
 
-    def durations_ms(self) -> list[float]:
-        """Milliseconds between consecutive marks (synchronizes once)."""
+    def durations_ms(self) -> dict[str, float]:
+        """Milliseconds per phase, summed over its occurrences in the step."""
         if self.cuda:
             torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        out = dict.fromkeys(PHASES, 0.0)
+        for name, a, b in self.spans:
+            out[name] = out.get(name, 0.0) + (a.elapsed_time(b) if self.cuda else (b - a) * 1e3)
+        return out
 
 
-def instrumented_step(engine: Any, batches: Iterator, device: torch.device) -> dict[str, float]:
-    """One optimizer step cut into :data:`PHASES` (ms). Mirrors ``DDPEngine.step`` with
-    ``accum_steps == 1``; with several ranks the gradient all-reduce, which DDP overlaps
-    with backward, runs after it on purpose so that it can be timed."""
-    from train.objective.forward import encode
-    from train.objective.loss import clamp_logit_scale_
-
-    clock = PhaseClock(device)
-    clock.mark()
+def timed_step(engine: Any, batches: Iterator, device: torch.device) -> dict[str, float]:
+    """One real ``engine.step`` with its phases timed, plus the host's wait for the batch (ms)."""
+    t0 = time.perf_counter()
     batch = next(batches)
-    images = batch.images.to(device, non_blocking=True)
-    texts = batch.texts.to(device, non_blocking=True)
-    clock.mark()
-    with engine.forward.autocast():
-        f = encode(engine.model, images, texts)
-    bias = f.bias.float() if f.bias is not None else None
-    loss = engine.loss_fn(f.image.float(), f.text.float(), f.scale.float(), bias)
-    clock.mark()
-    loss.backward()
-    clock.mark()
-    params = [p for p in engine.model.parameters() if p.grad is not None]
-    if engine.comm.world > 1:
-        for p in params:
-            p.grad.copy_(engine.comm.all_reduce(p.grad, "mean"))
-    clock.mark()
-    if engine.clip_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, engine.clip_grad_norm)
-    engine.optimizer.step()
-    if engine.scheduler is not None:
-        engine.scheduler.step()
-    engine.optimizer.zero_grad(set_to_none=True)
-    clamp_logit_scale_(engine.model, engine.logit_scale_max)
-    clock.mark()
-    return dict(zip(PHASES, clock.durations_ms()))
+    data_ms = (time.perf_counter() - t0) * 1e3
+    timer = PhaseTimer(device)
+    t1 = time.perf_counter()
+    with phases.listening(timer):
+        engine.step(batch)
+    sync(device)
+    step_ms = (time.perf_counter() - t1) * 1e3
+    return {"data": data_ms, **timer.durations_ms(), "step": step_ms}
 
 
 def breakdown(setup: Setup, steps: int, warmup: int) -> dict[str, float]:
-    """Median ms per phase over ``steps`` instrumented steps from the shards."""
-    if setup.cfg.train.accum_steps != 1 or not hasattr(setup.engine, "loss_fn"):
-        raise ValueError("the breakdown mirrors the DDP engine without accumulation (accum_steps=1)")
+    """Median ms per phase over ``steps`` timed steps from the shards (any engine, any accumulation)."""
     batches = iter(setup.loader)
-    rows = [instrumented_step(setup.engine, batches, setup.device) for _ in range(warmup + steps)][warmup:]
-    return {f"{k}_ms": sorted(r[k] for r in rows)[len(rows) // 2] for k in PHASES}
+    rows = [timed_step(setup.engine, batches, setup.device) for _ in range(warmup + steps)][warmup:]
+    keys = ("data", *PHASES, "step")
+    return {f"{k}_ms": sorted(r[k] for r in rows)[len(rows) // 2] for k in keys}
 
 
 def mfu_cols(flops: float, steps_per_s: float, args: argparse.Namespace) -> dict[str, float]:
@@ -216,8 +207,8 @@ def mfu_cols(flops: float, steps_per_s: float, args: argparse.Namespace) -> dict
     return cols
 
 
-def bench_model(model: str, args: argparse.Namespace, shards: Path, device: torch.device) -> list[dict]:
-    """All requested modes for one model; returns table rows."""
+def bench_model(model: str, args: argparse.Namespace, shards: Path, device: torch.device, report: Report) -> None:
+    """All requested modes for one model, each row added to ``report`` as it finishes."""
     precision = "bf16" if device.type == "cuda" else "fp32"
     cfg = make_config(model, args.batch_size, shards, args.workers, precision)
     setup = Setup(cfg, device, with_loader="e2e" in args.modes or args.breakdown)
@@ -226,32 +217,38 @@ def bench_model(model: str, args: argparse.Namespace, shards: Path, device: torc
     flops = count_flops(lambda: engine.step(gpu_batch))
     base = {"model": model, "batch": n, "precision": precision, "image_size": setup.bundle.image_size,
             "gflops_per_step": flops / 1e9}
-    rows = []
+    e2e_rate = None
     if "compute" in args.modes:
         reset_peak(device)
         secs = timed_steps(lambda: engine.step(gpu_batch), args.warmup, args.steps, device)
-        rows.append({**base, "mode": "compute", "samples_per_s": n * args.steps / secs,
-                     "step_ms": secs / args.steps * 1e3, **mfu_cols(flops, args.steps / secs, args),
-                     "peak_mem_gib": peak_gib(device)})
+        report.add({**base, "mode": "compute", "samples_per_s": n * args.steps / secs,
+                    "step_ms": secs / args.steps * 1e3, **mfu_cols(flops, args.steps / secs, args),
+                    "peak_mem_gib": peak_gib(device)})
     if "e2e" in args.modes:
         batches = iter(setup.loader)
         reset_peak(device)
         wait0 = setup.loader.wait_seconds
         secs = timed_steps(lambda: engine.step(next(batches)), args.warmup, args.steps, device)
-        rows.append({**base, "mode": "e2e", "samples_per_s": n * args.steps / secs,
-                     "step_ms": secs / args.steps * 1e3, **mfu_cols(flops, args.steps / secs, args),
-                     "peak_mem_gib": peak_gib(device),
-                     "data_wait_ms": (setup.loader.wait_seconds - wait0) / (args.warmup + args.steps) * 1e3})
+        e2e_rate = n * args.steps / secs
+        report.add({**base, "mode": "e2e", "samples_per_s": e2e_rate,
+                    "step_ms": secs / args.steps * 1e3, **mfu_cols(flops, args.steps / secs, args),
+                    "peak_mem_gib": peak_gib(device),
+                    "data_wait_ms": (setup.loader.wait_seconds - wait0) / (args.warmup + args.steps) * 1e3})
         del batches
     if args.breakdown:
-        rows.append({**base, "mode": "breakdown", **breakdown(setup, max(3, args.steps // 2), 2)})
+        report.add({**base, "mode": "breakdown", **breakdown(setup, max(3, args.steps // 2), 2)})
+    del setup, engine, gpu_batch
     if model in args.openclip:
-        rows += reference_rows(model, args, shards, device, base, rows)
-    return rows
+        try:
+            for row in reference_rows(model, args, shards, device, base, e2e_rate):
+                report.add(row)
+        except Exception as e:  # the reference failing must not cost our rows
+            report.add({**base, "mode": "open_clip_train e2e", "status": "failed",
+                        "error": (str(e).strip().splitlines() or [repr(e)])[-1][:300]})
 
 
 def reference_rows(model: str, args: argparse.Namespace, shards: Path, device: torch.device, base: dict,
-                   ours: list[dict]) -> list[dict]:
+                   ours_e2e: float | None) -> list[dict]:
     """open_clip_train on the same workload, plus the ours/theirs row."""
     from benchmarks.openclip_train import run_openclip_train
 
@@ -262,9 +259,8 @@ def reference_rows(model: str, args: argparse.Namespace, shards: Path, device: t
     rows = [{**base, "mode": "open_clip_train e2e", "samples_per_s": theirs,
              "step_ms": args.batch_size / theirs * 1e3,
              **mfu_cols(base["gflops_per_step"] * 1e9, theirs / args.batch_size, args)}]
-    e2e = [r for r in ours if r["mode"] == "e2e"]
-    if e2e:
-        rows.append({**base, "mode": "ratio ours/open_clip (e2e)", "samples_per_s": e2e[0]["samples_per_s"] / theirs})
+    if ours_e2e is not None:
+        rows.append({**base, "mode": "ratio ours/open_clip (e2e)", "samples_per_s": ours_e2e / theirs})
     return rows
 
 
@@ -300,9 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     a.measured_peak = None
     if a.measure_peak:
         a.measured_peak = measure_matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    rows = [row for m in a.models for row in bench_model(m, a, shards, device)]
-    write_report(a.out, "train_throughput", rows, shards=str(shards), device=str(device), steps=a.steps,
-                 warmup=a.warmup, workers=a.workers, peak_flops=a.peak_flops, measured_peak=a.measured_peak)
+    report = Report(a.out, "train_throughput", shards=str(shards), device=str(device), steps=a.steps,
+                    warmup=a.warmup, workers=a.workers, peak_flops=a.peak_flops, measured_peak=a.measured_peak)
+    try:
+        for m in a.models:
+            bench_model(m, a, shards, device, report)
+    except BaseException as e:
+        report.fail(e)
+        raise
+    report.finish()
     return 0
 
 

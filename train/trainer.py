@@ -77,15 +77,16 @@ def total_steps_for(cfg: Config, steps_per_epoch: int | None) -> int:
 
 
 @contextlib.contextmanager
-def process_group(env: DistEnv, device: torch.device) -> Iterator[Comm]:
-    """Init the process group (nccl on CUDA, gloo on CPU) for world > 1; yields the job's
-    :class:`Comm` (installed as the process's), and destroys the group after.
+def process_group(env: DistEnv, device: torch.device, backend: str = "auto") -> Iterator[Comm]:
+    """Init the process group (``auto``: nccl on CUDA, gloo on CPU) for world > 1; yields the
+    job's :class:`Comm` (installed as the process's), and destroys the group after.
 
     A group the caller already initialized is used as is and left alone.
     """
     owned = env.distributed and not dist.is_initialized()
     if owned:
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=env.init_method, rank=env.rank, world_size=env.world_size)
     try:
         yield collectives.install(Comm(env, device))
@@ -272,7 +273,7 @@ def run(cfg: Config, env: DistEnv | None = None) -> RunResult:
     """Train ``cfg`` in this process (one rank of ``env``; from the environment when None)."""
     env = env or dist_env_from(os.environ)
     device = resolve_device(cfg.train.device, env)
-    with process_group(env, device) as comm, StopFlag() as stop:
+    with process_group(env, device, cfg.train.dist_backend) as comm, StopFlag() as stop:
         trainer = Trainer(cfg, env, device, comm)
         try:
             result = trainer.fit(stop)

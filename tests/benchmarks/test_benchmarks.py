@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from benchmarks.report import format_table
 from train.data.augment import build_train_transform
 from train.core.config import AugmentConfig
 from train.data.decode import decode_sample, decode_sample_into
+
+from tests import REPO_ROOT as ROOT
 
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 
@@ -173,6 +176,33 @@ def test_train_throughput_all_modes_and_openclip_reference(tiny_shards, ref_stac
     assert rows["e2e"]["samples_per_s"] > 0 and rows["e2e"]["peak_mem_gib"] > 0
     assert all(rows["breakdown"][f"{p}_ms"] >= 0 for p in train_throughput.PHASES)
     assert rows["breakdown"]["forward_ms"] > 0 and rows["open_clip_train e2e"]["samples_per_s"] > 0
+
+
+def test_the_breakdown_times_the_engines_own_step(tiny_shards, monkeypatch):
+    """Not a copy of the step: every timed step is a call of ``engine.step`` (also with the
+    feature cache, which a copy of the plain step could not time)."""
+    cfg = train_throughput.make_config("orbit-micro", 8, tiny_shards, 0, "fp32", accum_steps=2)
+    setup = train_throughput.Setup(cfg, torch.device("cpu"), with_loader=True)
+    calls = []
+    real = setup.engine.step
+    monkeypatch.setattr(setup.engine, "step", lambda batch: calls.append(1) or real(batch))
+    row = train_throughput.breakdown(setup, steps=2, warmup=1)
+    assert len(calls) == 3
+    assert all(row[f"{p}_ms"] > 0 for p in ("forward", "loss", "backward", "optimizer"))
+    assert row["step_ms"] >= row["forward_ms"] + row["backward_ms"]
+
+
+def test_a_report_killed_midway_keeps_its_finished_rows(tmp_path):
+    out = tmp_path / "r.json"
+    code = ("import sys, time; from benchmarks.report import Report; r = Report(sys.argv[1], 'x', k=1); "
+            "r.add({'row': 1}); r.add({'row': 2}); print('ready', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert [proc.stdout.readline().strip() for _ in range(3)][-1] == "ready"  # after the two echoed rows
+    proc.kill()
+    proc.wait()
+    payload = json.loads(out.read_text())
+    assert payload["status"] == "running" and payload["rows"][-2:] == [{"row": 1}, {"row": 2}]
+    assert "cpu" in payload["machine"] and payload["meta"] == {"k": 1}
 
 
 def test_batch_memory_rows_per_size(tmp_path):

@@ -192,6 +192,10 @@ class TrainConfig:
     engine: Literal["ddp", "deepspeed"] = "ddp"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend for world > 1. ``auto``: nccl on CUDA, gloo on CPU. ``gloo`` on
+    CUDA runs several ranks on one GPU (NCCL refuses two ranks per device): for rehearsals
+    and checks, slower than nccl."""
     log_every: int = 10
     checkpoint_every: int = 500
     """Steps between checkpoints (a final one is always written)."""

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torch.nn.parallel import DistributedDataParallel
 
+from train.core.phases import phase
 from train.core.rundir import CheckpointDir
 from train.engines.base import EngineParts, autocast_factory, check_parts, keep_implementation_flags, register_engine
 from train.objective import ForwardOptions, forward_backward
@@ -80,17 +81,19 @@ class DDPEngine:
         # torch.full launches a fill with the value as argument: no host-device copy/sync.
         lr = torch.full((), float(self.optimizer.param_groups[0]["lr"]), device=self.device)
         loss, scale = forward_backward(self._wrapped, self.loss_fn, batch.images, batch.texts, self.forward)
-        loss = self.comm.all_reduce(loss, "mean")
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = grad_norm_(params, self.clip_grad_norm, self.device)
-        finite = torch.isfinite(loss) & torch.isfinite(norm)
-        if self.skip_on_device:
-            self.optimizer.found_inf = (~finite).float()  # read by the fused kernel
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        clamp_logit_scale_(self.model, self.logit_scale_max)
+        with phase("collectives"):  # DDP's gradient all-reduce overlaps the backward, inside it
+            loss = self.comm.all_reduce(loss, "mean")
+        with phase("optimizer"):
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            norm = grad_norm_(params, self.clip_grad_norm, self.device)
+            finite = torch.isfinite(loss) & torch.isfinite(norm)
+            if self.skip_on_device:
+                self.optimizer.found_inf = (~finite).float()  # read by the fused kernel
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            clamp_logit_scale_(self.model, self.logit_scale_max)
         return {"loss": loss, "logit_scale": scale, "grad_norm": norm.detach(), "lr": lr, "finite": finite.float()}
 
     # -- weights and checkpoints --------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from train.core.configbase import ConfigError
+from train.core.phases import phase
 from train.core.rng import capture_device, restore_device
 from train.objective.forward import ForwardOptions, LossFn, backward_pairs, encode
 
@@ -66,7 +67,7 @@ def cached_forward_backward(
     cache_module = opts.cache_module if opts.cache_module is not None else module
 
     states, cached = [], []
-    with torch.no_grad():
+    with phase("forward"), torch.no_grad():
         for im, tx in chunks:
             states.append(capture_device(device))
             with opts.autocast():
@@ -74,17 +75,32 @@ def cached_forward_backward(
     after = capture_device(device)
 
     # Leaves that stand in for the towers' outputs: the loss graph ends here.
-    img = torch.cat([f.image for f in cached]).float().requires_grad_()
-    txt = torch.cat([f.text for f in cached]).float().requires_grad_()
-    scale = cached[0].scale.detach().float().requires_grad_()
-    bias = cached[0].bias.detach().float().requires_grad_() if cached[0].bias is not None else None
-    loss = loss_fn(img, txt, scale, bias)
-    inputs = [img, txt, scale] + ([bias] if bias is not None else [])
-    grads = list(torch.autograd.grad(loss, inputs)) + ([None] if bias is None else [])
+    with phase("loss"):
+        img = torch.cat([f.image for f in cached]).float().requires_grad_()
+        txt = torch.cat([f.text for f in cached]).float().requires_grad_()
+        scale = cached[0].scale.detach().float().requires_grad_()
+        bias = cached[0].bias.detach().float().requires_grad_() if cached[0].bias is not None else None
+        loss = loss_fn(img, txt, scale, bias)
+        inputs = [img, txt, scale] + ([bias] if bias is not None else [])
+        grads = list(torch.autograd.grad(loss, inputs)) + ([None] if bias is None else [])
     g_img, g_txt, g_scale, g_bias = grads
     del cached, img, txt
 
     micro = n // k
+    # The re-forwards with grad count as backward: they exist only to back-propagate.
+    with phase("backward"):
+        _reforward_backward(module, chunks, states, micro, (g_img, g_txt, g_scale, g_bias), opts)
+    # Continue the RNG stream as if each micro-batch had been drawn once.
+    restore_device(after, device)
+    return loss.detach(), scale.detach()
+
+
+def _reforward_backward(module: nn.Module, chunks: list, states: list, micro: int, grads: tuple,
+                        opts: ForwardOptions) -> None:
+    """Second pass: each micro-batch again, with grad, under its recorded RNG state, fed
+    its slice of the cached feature gradients (the scale/bias terms once, with the last)."""
+    g_img, g_txt, g_scale, g_bias = grads
+    device, k = opts.device, len(chunks)
     for i, (im, tx) in enumerate(chunks):
         last = i == k - 1
         restore_device(states[i], device)
@@ -95,6 +111,3 @@ def cached_forward_backward(
             tensors = [f.image, f.text] + ([f.scale, f.bias] if last else [])
             cotangents = [g_img[rows], g_txt[rows]] + ([g_scale, g_bias] if last else [])
             backward_pairs(tensors, cotangents, opts.backward)
-    # Continue the RNG stream as if each micro-batch had been drawn once.
-    restore_device(after, device)
-    return loss.detach(), scale.detach()

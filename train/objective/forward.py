@@ -11,6 +11,8 @@ from typing import Callable, ContextManager
 import torch
 from torch import nn
 
+from train.core.phases import phase
+
 
 @dataclass
 class Features:
@@ -104,10 +106,13 @@ def plain_forward_backward(
     Returns:
         (local loss ``L_r``, logit scale), both detached.
     """
-    images, texts = opts.to_device(images, texts)
-    with opts.autocast():
-        f = encode(module, images, texts, opts.unique_texts)
-    loss = loss_fp32(loss_fn, f)
-    if loss.requires_grad:
-        opts.backward([loss], [torch.ones_like(loss)])
+    with phase("forward"):
+        images, texts = opts.to_device(images, texts)
+        with opts.autocast():
+            f = encode(module, images, texts, opts.unique_texts)
+    with phase("loss"):
+        loss = loss_fp32(loss_fn, f)
+    with phase("backward"):
+        if loss.requires_grad:
+            opts.backward([loss], [torch.ones_like(loss)])
     return loss.detach(), f.scale.detach().float()

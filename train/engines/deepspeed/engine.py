@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -92,6 +93,9 @@ class DeepSpeedEngine:
                 raise RuntimeError(f"DeepSpeedEngine needs an initialized process group of {self.env.world_size} ranks")
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        # ZeRO 2/3 read LOCAL_RANK from the environment (set by launchers); a plain
+        # `python -m train` on one process has none.
+        os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))
         self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
         self.skip_on_device = supports_device_skip(self.optimizer)
         self.ds, _, _, _ = deepspeed.initialize(
