@@ -4,8 +4,10 @@
 # 1. Here (with network), once:   bash benchmarks/run_gpu.sh fetch-wheels
 #    -> .whl/ (git-ignored, < 64 MiB): wheels for CPython 3.12 manylinux x86-64 that the GPU
 #       image lacks: open_clip_torch, webdataset 1.0.2 (+ .whl/ref/webdataset 0.2.86 for
-#       open_clip_train), braceexpand, ftfy, wcwidth, deepspeed 0.19.7 (built here) and its
-#       pure-Python needs; and .gpu-data/ (EuroSAT RGB from $ORBITCLIP_DATA, for the recipes).
+#       open_clip_train), braceexpand, ftfy, wcwidth, deepspeed 0.19.7 (built here) and what it
+#       needs beyond the image (hjson, pydantic; the image has msgpack, ninja, psutil, py-cpuinfo,
+#       tensorboard, pandas: KINDS.md); and .gpu-data/ (EuroSAT RGB from $ORBITCLIP_DATA, for the
+#       recipes). About 27 MiB in all.
 # 2. Device tool, one call per group (each sized for 6 minutes on one H100/H200):
 #      run(command="STAGES=A bash benchmarks/run_gpu.sh", carry=[".whl", ".gpu-data"], timeout_s=420)
 #      run(command="STAGES=B bash benchmarks/run_gpu.sh", carry=[".whl", ".gpu-data"], timeout_s=420)
@@ -39,8 +41,7 @@ if [ "${1:-}" = "fetch-wheels" ]; then
   target=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --platform manylinux2014_x86_64)
   "$PY" -m pip download -q --no-deps "${target[@]}" -d .whl \
     open_clip_torch==3.3.0 webdataset==1.0.2 braceexpand==0.1.7 ftfy==6.3.1 wcwidth==0.2.13 \
-    hjson==3.1.0 py-cpuinfo==9.0.0 msgpack==1.1.0 ninja==1.11.1.4 pydantic==2.11.7 pydantic-core==2.33.2 \
-    annotated-types==0.7.0 typing-inspection==0.4.1
+    hjson==3.1.0 pydantic==2.11.7 pydantic-core==2.33.2 annotated-types==0.7.0 typing-inspection==0.4.1
   "$PY" -m pip download -q --no-deps "${target[@]}" -d .whl/ref webdataset==0.2.86
   # DeepSpeed ships an sdist only: build the (pure-Python, ops compiled at run time) wheel here.
   DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl/build deepspeed==0.19.7
