@@ -94,11 +94,12 @@ fi
 "$PY" -c "import train.core.compat; train.core.compat.ensure_torchvision(); import torch, open_clip, webdataset; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'open_clip', open_clip.__version__, 'wds', webdataset.__version__)" || exit 1
 
 status=0
-stage() {  # name, time limit (s; LIMIT_<name> overrides), command...
+stage() {  # name, time limit (s; LIMIT_<name> overrides), command... (ARGS_<name> appends arguments)
   local name=$1 limit=$2; shift 2
   local var="LIMIT_$name"; limit=${!var:-$limit}
-  echo "=== $name ($(date +%T), limit ${limit}s): $*"
-  timeout --kill-after=10 "$limit" "$@"
+  local extra="ARGS_$name"; read -r -a extra <<< "${!extra:-}"
+  echo "=== $name ($(date +%T), limit ${limit}s): $* ${extra[*]}"
+  timeout --kill-after=10 "$limit" "$@" "${extra[@]}"
   local rc=$?
   if [ $rc != 0 ]; then echo "=== $name FAILED (rc=$rc$([ $rc = 124 ] && echo ', time limit'))"; status=1; fi
 }
