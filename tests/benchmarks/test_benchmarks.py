@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks import batch_memory, data_throughput, train_throughput
+from benchmarks import batch_memory, data_throughput, loss_memory, train_throughput
 from benchmarks.bench_data import shard_urls, synthetic_shards
 from benchmarks.flops import count_flops, measure_matmul_peak, mfu
 from benchmarks.openclip_ref import ensure_env
@@ -212,3 +212,19 @@ def test_batch_memory_rows_per_size(tmp_path):
     rows = load(out)["rows"]
     assert [(r["effective_batch"], r["accum_steps"], r["status"]) for r in rows] == [(16, 1, "ok"), (64, 4, "ok")]
     assert all(r["peak_mem_gib"] > 0 and r["step_s"] > 0 for r in rows)
+
+
+def test_loss_memory_rows_per_loss_and_implementation(tmp_path, monkeypatch):
+    out = tmp_path / "loss.json"
+    loss_memory.main(["--sizes", "300", "--dim", "8", "--block", "64", "--device", "cpu", "--out", str(out)])
+    rows = {(r["loss"], r["impl"]): r for r in load(out)["rows"]}
+    assert set(rows) == {(k, i) for k in ("clip", "siglip") for i in ("plain", "tiled")}
+    assert all(r["status"] == "ok" and r["peak_above_inputs_gib"] >= 0 and r["seconds"] > 0 for r in rows.values())
+    for kind in ("clip", "siglip"):  # same inputs, same loss, up to fp32 rounding
+        assert rows[kind, "tiled"]["value"] == pytest.approx(rows[kind, "plain"]["value"], rel=1e-5)
+        assert rows[kind, "tiled"]["time_vs_plain"] > 0
+    # Where the plain loss cannot fit, the row says so instead of being run.
+    monkeypatch.setattr(loss_memory, "available_bytes", lambda: 1 << 20)
+    loss_memory.main(["--sizes", "300", "--dim", "8", "--losses", "clip", "--device", "cpu", "--out", str(out)])
+    rows = {r["impl"]: r for r in load(out)["rows"]}
+    assert rows["plain"]["status"].startswith("skipped: needs") and rows["tiled"]["status"] == "ok"

@@ -145,6 +145,10 @@ class LossConfig:
     """Contrastive objective; features are always gathered (with grad) across ranks."""
 
     kind: Literal["clip", "siglip"] = "clip"
+    block_size: int = 4096
+    """Rows and columns per block of logits in the tiled loss: its memory is about three
+    ``block_size^2`` fp32 buffers whatever the batch (4096: 192 MiB). Smaller saves memory,
+    larger saves per-block overhead; the result is the same to fp32 rounding."""
     logit_scale_max: float = 100.0
     """The learnable temperature is clamped to at most this scale."""
 
@@ -274,6 +278,8 @@ class Config:
             )
         if self.data.source == "shards" and not self.data.shards:
             raise ConfigError("data.source=shards needs at least one entry in data.shards")
+        if self.loss.block_size < 1:
+            raise ConfigError(f"loss.block_size must be >= 1, got {self.loss.block_size}")
         if self.loss.kind == "siglip" and self.model.init_logit_bias is None:
             raise ConfigError("loss.kind=siglip needs model.init_logit_bias (e.g. -10)")
         r = self.data.remote

@@ -9,9 +9,14 @@ rows. The collectives themselves are :class:`train.core.collectives.Comm`'s.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from train.core.collectives import current
+
+GatherFn = Callable[[torch.Tensor], torch.Tensor]
+"""How a loss gathers features across ranks (:func:`all_gather_with_grad`; tests swap it)."""
 
 
 def world_size() -> int:

@@ -1,4 +1,5 @@
-"""Contrastive losses on local features, gathered across ranks with gradient.
+"""Contrastive losses on local features, gathered across ranks with gradient: the plain
+(reference) implementations and :func:`build_loss`, which returns the tiled ones (:mod:`.tiled`).
 
 Scaling contract (checked by tests/test_equivalence.py): with ``W`` ranks of ``B``
 local rows each (``N = W*B``), rank ``r`` returns a loss ``L_r`` over its own rows
@@ -16,16 +17,15 @@ a clamp in the forward would zero the scale's gradient at the limit and hide it.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.objective import gather as _gather
 from train.core.config import LossConfig
-
-GatherFn = Callable[[torch.Tensor], torch.Tensor]
+from train.objective import gather as _gather
+from train.objective.gather import GatherFn
+from train.objective.tiled import TiledClipLoss, TiledSigLipLoss
 
 
 def _local_labels(local: int, rank: int, device: torch.device) -> torch.Tensor:
@@ -119,11 +119,13 @@ class SigLipLoss(nn.Module):
 
 
 def build_loss(cfg: LossConfig, gather_fn: GatherFn | None = None) -> nn.Module:
-    """The loss module named by ``cfg.kind`` (``clip`` or ``siglip``)."""
+    """The loss named by ``cfg.kind`` (``clip`` or ``siglip``), tiled in blocks of
+    ``cfg.block_size`` (:mod:`.tiled`) at every batch size: one code path. :class:`ClipLoss`
+    and :class:`SigLipLoss` stay as the reference the tests compare it with."""
     if cfg.kind == "clip":
-        return ClipLoss(gather_fn)
+        return TiledClipLoss(cfg.block_size, gather_fn)
     if cfg.kind == "siglip":
-        return SigLipLoss(gather_fn)
+        return TiledSigLipLoss(cfg.block_size, gather_fn)
     raise ValueError(f"unknown loss.kind {cfg.kind!r}; expected 'clip' or 'siglip'")
 
 

@@ -8,8 +8,9 @@ would travel through shared-memory handles that vanish when the worker exits.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from train.data.batch import Batch
 from train.core.distenv import DistEnv
 from train.engines import DDPEngine, EngineParts, build_engine
 from train.objective.gather import all_gather_no_grad
+from train.objective import tiled
 from train.objective.loss import ClipLoss, SigLipLoss
 from train.model.factory import build_model
 
@@ -27,6 +29,28 @@ ARCH = "orbit-micro"
 GLOBAL_BATCH, STEPS = 8, 4
 SIGLIP_BIAS = -10.0
 CLIP_GRAD = 1.0
+BLOCK = 3
+"""Tiled-loss block in these tests: several blocks, and batches (8, 4, 2) that are not multiples."""
+VARIANTS = ("tiled", "plain", "broken-gather", "broken-lse")
+"""The loss of a case: the default (tiled, block :data:`BLOCK`), the plain reference loss, and
+two negative controls: a gather without gradient, a tiled CLIP loss whose log-sum-exp leaves
+out the last block of columns."""
+
+
+@contextlib.contextmanager
+def broken_lse() -> Iterator[None]:
+    """Negative control: the tiled CLIP loss forgets the last column block in its log-sum-exp."""
+    real = tiled._row_lse
+
+    def leaky(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+        keep = (y.shape[0] - 1) // block * block or y.shape[0]
+        return real(x, y[:keep], scale, block)
+
+    tiled._row_lse = leaky
+    try:
+        yield
+    finally:
+        tiled._row_lse = real
 
 
 def make_model(kind: str = "clip", patch_dropout: float = 0.0, seed: int = 0) -> torch.nn.Module:
@@ -85,18 +109,26 @@ class RecordingAdamW(torch.optim.AdamW):
 
 
 def make_engine(model: torch.nn.Module, rank: int, world: int, kind: str, accum: int,
-                broken_gather: bool = False, precision: str = "fp32") -> DDPEngine:
-    """The engine the trainer would build (AdamW + warm-up), or one with a no-grad gather."""
+                variant: str | bool = "tiled", precision: str = "fp32") -> DDPEngine:
+    """The engine the trainer would build (AdamW + warm-up), with the loss ``variant`` of
+    :data:`VARIANTS` (``True`` = ``broken-gather``, ``False`` = ``tiled``, as older callers say)."""
+    variant = {True: "broken-gather", False: "tiled"}.get(variant, variant)  # type: ignore[call-overload]
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown loss variant {variant!r}")
     opt = RecordingAdamW(list(model.named_parameters()), lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
     env = DistEnv(rank=rank, world_size=world)
     cfg = Config()
-    cfg.loss.kind, cfg.train.accum_steps, cfg.train.precision = kind, accum, precision
+    cfg.loss.kind, cfg.loss.block_size, cfg.train.accum_steps, cfg.train.precision = kind, BLOCK, accum, precision
     cfg.optim.clip_grad_norm = CLIP_GRAD
     parts = EngineParts.from_config(cfg, model, opt, sched, env, "cpu")
-    if broken_gather:
+    if variant == "broken-gather":
         parts.loss_fn = (ClipLoss if kind == "clip" else SigLipLoss)(gather_fn=all_gather_no_grad)
         return DDPEngine(parts)
+    if variant == "plain":
+        parts.loss_fn = (ClipLoss if kind == "clip" else SigLipLoss)()
+        return DDPEngine(parts)
+    assert isinstance(parts.loss_fn, (tiled.TiledClipLoss, tiled.TiledSigLipLoss)), "the default loss is tiled"
     return build_engine(cfg.train.engine, parts)
 
 
@@ -115,7 +147,7 @@ def _count_reductions(engine: DDPEngine) -> list[int]:
 
 
 def train_case(rank: int, world: int, init_state: dict, kind: str, accum: int,
-               broken_gather: bool = False, steps: int = STEPS, precision: str = "fp32") -> dict[str, Any]:
+               variant: str | bool = "tiled", steps: int = STEPS, precision: str = "fp32") -> dict[str, Any]:
     """Train a fresh model from ``init_state`` on this rank's slices of the global stream.
 
     Returns:
@@ -125,9 +157,10 @@ def train_case(rank: int, world: int, init_state: dict, kind: str, accum: int,
     """
     model = make_model(kind)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in init_state.items()})
-    engine = make_engine(model, rank, world, kind, accum, broken_gather, precision)
+    engine = make_engine(model, rank, world, kind, accum, variant, precision)
     bucket_reductions = _count_reductions(engine) if world > 1 else [0]
-    metrics = [engine.step(make_batch(t, rank, world, model)) for t in range(steps)]
+    with broken_lse() if variant == "broken-lse" else contextlib.nullcontext():
+        metrics = [engine.step(make_batch(t, rank, world, model)) for t in range(steps)]
     return {
         "params": {k: v.detach().numpy().copy() for k, v in model.state_dict().items()},
         "first_grads": engine.optimizer.first_grads,
@@ -147,15 +180,15 @@ def _rank_disagreement(params: dict[str, np.ndarray]) -> float:
 def equivalence_worker(
     rank: int, world: int, init_states: dict, cases: list[tuple], ckpt_folder: str | None = None
 ) -> dict | None:
-    """Run each ``(name, kind, accum, broken[, precision])`` case; rank 0 returns ``{name: result}``.
+    """Run each ``(name, kind, accum, variant[, precision])`` case; rank 0 returns ``{name: result}``.
 
     Each result also carries ``rank_disagreement`` (max |param difference| between ranks).
     With ``ckpt_folder``, :func:`checkpoint_roundtrip` runs too (under ``"checkpoint"``);
     one spawn for both saves the processes' start-up time.
     """
     out = {}
-    for name, kind, accum, broken, *precision in cases:
-        res = train_case(rank, world, init_states[kind], kind, accum, broken, precision=(precision or ["fp32"])[0])
+    for name, kind, accum, variant, *precision in cases:
+        res = train_case(rank, world, init_states[kind], kind, accum, variant, precision=(precision or ["fp32"])[0])
         res["rank_disagreement"] = _rank_disagreement(res["params"])
         out[name] = res
     if ckpt_folder is not None:

@@ -86,13 +86,19 @@ def init_states() -> dict[str, dict[str, np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def reference(init_states) -> dict:
-    """Single process, full global batch: the ground truth; plus (world 1, accum 4)."""
+    """Single process, full global batch, the plain (untiled) loss: the ground truth; plus the
+    default tiled loss at (world 1, accum 1 / 4) and the tiled negative control."""
     torch.manual_seed(0)
-    return {(k, a): train_case(0, 1, init_states[k], k, a) for k in KINDS for a in (1, 4)}
+    out = {(k, 1): train_case(0, 1, init_states[k], k, 1, "plain") for k in KINDS}
+    out.update({(k, f"tiled{a}"): train_case(0, 1, init_states[k], k, a) for k in KINDS for a in (1, 4)})
+    out[("clip", 4)] = out[("clip", "tiled4")]
+    out[("siglip", 4)] = out[("siglip", "tiled4")]
+    out[("clip", "broken-lse")] = train_case(0, 1, init_states["clip"], "clip", 1, "broken-lse")
+    return out
 
 
 WORLD_CASES = [(f"{k}-accum{a}", k, a, False) for k in KINDS for a in (1, 2)]
-BROKEN_CASES = [(f"{k}-broken", k, 1, True) for k in KINDS]
+BROKEN_CASES = [(f"{k}-broken", k, 1, True) for k in KINDS] + [("clip-broken-lse", "clip", 2, "broken-lse")]
 BF16_CASES = [(f"{k}-accum2-bf16", k, 2, False, "bf16") for k in KINDS]
 
 
@@ -117,8 +123,19 @@ def test_reference_exercises_what_it_should(reference):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_world1_accum4_matches_full_batch(reference, init_states, kind):
-    assert_equivalent(reference[(kind, 4)], reference[(kind, 1)], init_states[kind])
+@pytest.mark.parametrize("accum", [1, 4])
+def test_world1_tiled_loss_matches_the_plain_full_batch(reference, init_states, kind, accum):
+    """The default (tiled, blocks of 3 over batches of 8 and micro-batches of 2) trains the
+    same model as the plain loss: gradients, losses and parameters after 4 AdamW steps."""
+    assert_equivalent(reference[(kind, f"tiled{accum}")], reference[(kind, 1)], init_states[kind])
+
+
+@pytest.mark.parametrize("where", ["world1", "world2"])
+def test_a_block_left_out_of_the_log_sum_exp_is_detected(request, reference, init_states, where):
+    """Negative control for the tiled loss: the same comparisons fail."""
+    res = reference[("clip", "broken-lse")] if where == "world1" else request.getfixturevalue("world2")["clip-broken-lse"]
+    d = distances(res, reference[("clip", 1)], init_states["clip"])
+    assert d["loss"] > TOL_LOSS and d["params"] > TOL_PARAMS and d["grad_excess"] > 1.0, d
 
 
 # Four processes on two cores: ~30 s of start-up alone, hence "slow" (still run by `make test`).

@@ -14,6 +14,7 @@ from tests.distutil import run_distributed
 from train.objective import gather
 from train.core.config import LossConfig
 from train.objective.loss import ClipLoss, SigLipLoss, build_loss, clamp_logit_scale_
+from train.objective.tiled import TiledClipLoss, TiledSigLipLoss
 
 
 def _features(n: int, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,9 +91,10 @@ def test_siglip_without_bias_is_a_clear_error():
         SigLipLoss()(img, txt, torch.tensor(10.0), None)
 
 
-def test_build_loss_kinds():
-    assert isinstance(build_loss(LossConfig(kind="clip")), ClipLoss)
-    assert isinstance(build_loss(LossConfig(kind="siglip")), SigLipLoss)
+def test_build_loss_kinds_are_tiled():
+    clip = build_loss(LossConfig(kind="clip", block_size=16))
+    assert isinstance(clip, TiledClipLoss) and clip.block_size == 16
+    assert isinstance(build_loss(LossConfig(kind="siglip")), TiledSigLipLoss)
     with pytest.raises(ValueError, match="unknown loss.kind"):
         build_loss(LossConfig(kind="triplet"))  # type: ignore[arg-type]
 
@@ -141,7 +143,10 @@ def _loss_worker(rank: int, world: int) -> dict:
 
     img_all, txt_all = _global_features(world)
     rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
-    for name, loss_fn, bias in (("clip", ClipLoss(), None), ("siglip", SigLipLoss(), torch.tensor(BIAS))):
+    # Tiled with blocks of 2: blocks that straddle ranks' rows, a last block of 1 column.
+    for name, loss_fn, bias in (("clip", ClipLoss(), None), ("siglip", SigLipLoss(), torch.tensor(BIAS)),
+                                ("clip-tiled", TiledClipLoss(2), None),
+                                ("siglip-tiled", TiledSigLipLoss(2), torch.tensor(BIAS))):
         img = img_all[rows].clone().requires_grad_()
         txt = txt_all[rows].clone().requires_grad_()
         scale = torch.tensor(SCALE, requires_grad=True)
@@ -172,14 +177,15 @@ def test_gather_forward_and_backward_in_gloo(gloo3):
         assert out["mean"] == pytest.approx((world - 1) / 2)
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "clip-tiled", "siglip-tiled"])
 def test_distributed_loss_reproduces_full_batch_loss_and_gradient(gloo3, kind):
     """mean_r L_r == L and (1/W) * (feature / scale grads seen per rank) == full-batch grads."""
     world = len(gloo3)
     img = _global_features(world)[0].clone().requires_grad_()
     txt = _global_features(world)[1].clone().requires_grad_()
     scale = torch.tensor(SCALE, requires_grad=True)
-    full = ClipLoss()(img, txt, scale) if kind == "clip" else SigLipLoss()(img, txt, scale, torch.tensor(BIAS))
+    # The ground truth is always the plain loss on one process.
+    full = ClipLoss()(img, txt, scale) if kind.startswith("clip") else SigLipLoss()(img, txt, scale, torch.tensor(BIAS))
     full.backward()
     per_rank = [o[kind] for o in gloo3]
     assert np.mean([o["loss"] for o in per_rank]) == pytest.approx(float(full.detach()), rel=1e-6)
