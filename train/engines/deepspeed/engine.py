@@ -46,7 +46,9 @@ from torch import nn
 
 from train.core.configbase import ConfigError
 from train.core.rundir import CheckpointDir
-from train.engines.base import EngineParts, check_parts, keep_implementation_flags, register_engine, resolve_precision
+from train.engines.base import (
+    EngineParts, check_parts, keep_implementation_flags, model_on, register_engine, resolve_precision,
+)
 from train.engines.ddp import grad_norm_, supports_device_skip
 from train.engines.deepspeed.config import build_ds_config, write_ds_config
 from train.engines.deepspeed.params import assert_no_scalar_params, restore_scalar_shapes, vectorize_scalar_params
@@ -89,7 +91,7 @@ class DeepSpeedEngine:
         self.logit_scale_max = parts.loss.logit_scale_max
         self.zero_stage = parts.deepspeed.zero_stage
         self.loss_fn = parts.loss_fn
-        self.model = parts.model.to(self.device)
+        self.model = model_on(parts.model, self.device)
         self.scalar_names = vectorize_scalar_params(self.model)
         assert_no_scalar_params(self.model)
         self.bf16 = resolve_precision(t.precision, self.device) == "bf16"
