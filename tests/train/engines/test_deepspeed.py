@@ -423,17 +423,17 @@ class _NanGrad(torch.autograd.Function):
         return grad * float("nan")
 
 
-def nonfinite_worker(rank: int, world: int, root: str, runs: list[tuple[int, str]]) -> dict[str, Any]:
-    """Per (stage, precision): a finite step, a step with NaN image-tower gradients, a finite step."""
+def nonfinite_worker(rank: int, world: int, root: str, runs: list[tuple[int, str, int]]) -> dict[str, Any]:
+    """Per (stage, precision, accum): a finite step, a step with NaN image-tower gradients, a finite step."""
     from train.core.collectives import Comm
     from train.core.rundir import RunDir
     from train.engines import EngineParts, build_engine
     from train.loop.metrics import MetricLogger
 
     out: dict[str, Any] = {}
-    for stage, precision in runs:
-        name = f"z{stage}{precision}"
-        cfg = make_cfg(Path(root) / name, "deepspeed", stage, accum=1, train__precision=precision)
+    for stage, precision, accum in runs:
+        name = f"z{stage}{precision}a{accum}"
+        cfg = make_cfg(Path(root) / name, "deepspeed", stage, accum=accum, train__precision=precision)
         env, (model, opt, sched), loader = _setup(cfg, rank, world)
         engine = build_engine(cfg.train.engine, EngineParts.from_config(cfg, model, opt, sched, env, "cpu"))
         logger = MetricLogger(RunDir(Path(root) / name), Comm(env), torch.device("cpu"), total_steps=3,
@@ -463,10 +463,11 @@ def nonfinite_worker(rank: int, world: int, root: str, runs: list[tuple[int, str
 def test_a_nan_gradient_skips_the_update_in_every_zero_stage(tmp_path):
     from tests.distutil import run_distributed
 
-    runs = [(1, "bf16"), (2, "bf16"), (3, "bf16"), (2, "fp32")]
+    # ZeRO 1-3 in bf16, one fp32 run, and the feature cache (its re-forwards' backward).
+    runs = [(1, "bf16", 1), (2, "bf16", 1), (3, "bf16", 1), (2, "fp32", 1), (1, "bf16", 2)]
     res = run_distributed(nonfinite_worker, 1, str(tmp_path), runs, timeout=600)[0]
-    for stage, precision in runs:
-        name = f"z{stage}{precision}"
+    for stage, precision, accum in runs:
+        name = f"z{stage}{precision}a{accum}"
         changed = res[f"{name}/changed"]
         assert math.isfinite(res[f"{name}/loss1"]), "the injected fault must leave the loss finite"
         assert res[f"{name}/finite"] == [1.0, 0.0, 1.0], name
