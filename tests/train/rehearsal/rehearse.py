@@ -102,6 +102,8 @@ def ddp_step(mode: Any, accum: int) -> str:
         engine = DDPEngine(EngineParts.from_config(cfg, model, optimizer, scheduler, env, CUDA, Comm(env, CUDA)))
         tower_dtypes: list[torch.dtype] = []
         model.visual.register_forward_hook(lambda m, i, o: tower_dtypes.append(o.dtype))
+        tower_inputs: set[tuple[int, str]] = set()
+        model.visual.register_forward_pre_hook(lambda m, i: tower_inputs.add((i[0].shape[0], str(i[0].device))))
         # Host-resident (fake CPU) batches, as the loader hands them over: the engine moves them.
         batch = Batch(mode.from_tensor(images), mode.from_tensor(texts), [str(i) for i in range(8)])
         assert batch.images.device.type == "cpu"
@@ -112,10 +114,13 @@ def ddp_step(mode: Any, accum: int) -> str:
     assert engine.skip_on_device and optimizer.found_inf.device == torch.device(CUDA)
     assert set(tower_dtypes) == {torch.bfloat16}, f"image tower ran in {set(tower_dtypes)}, not bf16 autocast"
     assert len(tower_dtypes) == 2 * (2 * accum if accum > 1 else 1), tower_dtypes  # cache: no-grad + re-forward
+    # One micro-batch at a time reaches the device (the whole batch never sits there as inputs).
+    assert tower_inputs == {(8 // accum, CUDA)}, tower_inputs
     state = optimizer.state[model.logit_scale]
     assert state["exp_avg"].device == torch.device(CUDA) and state["exp_avg"].dtype == torch.float32
     assert all(p.grad is None for p in model.parameters())
-    return f"2 steps, accum {accum}: outputs {sorted(out)} on {CUDA}, towers bf16, fused AdamW found_inf on {CUDA}"
+    return (f"2 steps, accum {accum}: outputs {sorted(out)} on {CUDA}, micro-batches of {8 // accum} moved from "
+            f"the host, towers bf16, fused AdamW found_inf on {CUDA}")
 
 
 def losses_world8(mode: Any) -> str:
