@@ -33,6 +33,16 @@ ReduceOp = Literal["sum", "mean", "max", "min"]
 _OPS = {"sum": "SUM", "mean": "SUM", "max": "MAX", "min": "MIN"}
 
 
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the host once its values are there: the one device→host copy of orbitclip.
+
+    A non-blocking copy from CUDA returns before the bytes land (in a pinned buffer that a
+    ``.tolist()`` or a gloo collective would read stale); this copy blocks until they have.
+    A no-op for a tensor already on the host.
+    """
+    return t.detach().to("cpu", non_blocking=False)
+
+
 def comm_device_for(backend: str | None, compute: torch.device) -> torch.device:
     """Where tensors must be for ``backend``: the rank's GPU for NCCL, the host otherwise."""
     if backend is not None and backend.lower() == "nccl":
@@ -73,10 +83,14 @@ class Comm:
 
     def _to_comm(self, t: torch.Tensor) -> torch.Tensor:
         """A copy of ``t`` on the communication device (collectives work in place on it)."""
+        if self.device.type == "cpu":  # gloo reads the buffer at once: the copy must have landed
+            return to_host(t).clone().contiguous()
         return t.detach().to(self.device, copy=True, non_blocking=True).contiguous()
 
     def _from_comm(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A collective's result back on the caller's device."""
+        if device.type == "cpu":  # the caller may read it at once (a flag, eval's rows)
+            return to_host(t)
         return t.to(device, non_blocking=True)
 
     # -- tensor collectives ----------------------------------------------------------------
@@ -140,7 +154,7 @@ class Comm:
 
     def read(self, t: torch.Tensor) -> list[float]:
         """The values of ``t`` on the host: the one place a caller waits for the device."""
-        return t.detach().reshape(-1).tolist()
+        return to_host(t).reshape(-1).tolist()
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """``obj`` of every rank, in rank order (picklable objects; a one-item list alone)."""
@@ -193,7 +207,7 @@ class Comm:
         flag = torch.tensor([1.0 if failed else 0.0])
         buf = self._to_comm(flag)
         dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-        return float(buf.item()) > 0
+        return float(to_host(buf).item()) > 0
 
     def _check_peers(self, what: str | None = None) -> None:
         if what is None and not self._agreements:

@@ -67,9 +67,15 @@ class DeviceRng:
     cuda: torch.Tensor | None
 
 
+def _has_cuda_generators(device: torch.device) -> bool:
+    # A CPU build of torch has no CUDA generators even where a fake CUDA device answers
+    # `is_available()` (the CUDA rehearsal, tests/train/rehearsal): nothing to record there.
+    return device.type == "cuda" and torch.cuda._is_compiled()
+
+
 def capture_device(device: torch.device) -> DeviceRng:
     """Record the CPU generator and, on CUDA, the device's generator."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    cuda = torch.cuda.get_rng_state(device) if _has_cuda_generators(device) else None
     return DeviceRng(torch.get_rng_state(), cuda)
 
 

@@ -96,6 +96,23 @@ class EngineParts:
         )
 
 
+def model_on(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """``model`` with every parameter and buffer on ``device`` (moved only if one is elsewhere).
+
+    A model already there is returned untouched: ``Module.to`` would still swap each
+    parameter for itself, which the CUDA rehearsal's fake parameters refuse
+    (``tests/train/rehearsal``).
+    """
+    device = torch.device(device)
+
+    def there(t: torch.Tensor) -> bool:
+        return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+    if all(there(t) for t in [*model.parameters(), *model.buffers()]):
+        return model
+    return model.to(device)
+
+
 def check_parts(parts: EngineParts) -> None:
     """What every engine refuses: ``accum_steps < 1``, and accumulation over BatchNorm towers.
 

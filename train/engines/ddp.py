@@ -20,7 +20,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from train.core.phases import phase
 from train.core.rundir import CheckpointDir
-from train.engines.base import EngineParts, autocast_factory, check_parts, keep_implementation_flags, register_engine
+from train.engines.base import (
+    EngineParts, autocast_factory, check_parts, keep_implementation_flags, model_on, register_engine,
+)
 from train.objective import ForwardOptions, forward_backward
 from train.objective.loss import clamp_logit_scale_
 
@@ -51,7 +53,7 @@ class DDPEngine:
         t = parts.train
         check_parts(parts)
         self.env, self.device, self.comm = parts.env, torch.device(parts.device), parts.comm
-        self.model = parts.model.to(self.device)
+        self.model = model_on(parts.model, self.device)
         self.optimizer, self.scheduler, self.loss_fn = parts.optimizer, parts.scheduler, parts.loss_fn
         self.clip_grad_norm = parts.optim.clip_grad_norm
         self.logit_scale_max = parts.loss.logit_scale_max

@@ -406,3 +406,72 @@ def test_trainer_runs_zero3_with_eval_and_consolidated_final_model(tmp_path):
     assert worst <= 1e-5, (worst, key)
     for metric, value in evals["ddp"].items():
         assert evals["deepspeed"][metric] == pytest.approx(value, abs=1e-6), metric
+
+
+# -- a non-finite gradient skips the update (world 1) -------------------------------------
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: a non-finite gradient behind a finite loss."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad * float("nan")
+
+
+def nonfinite_worker(rank: int, world: int, root: str, runs: list[tuple[int, str, int]]) -> dict[str, Any]:
+    """Per (stage, precision, accum): a finite step, a step with NaN image-tower gradients, a finite step."""
+    from train.core.collectives import Comm
+    from train.core.rundir import RunDir
+    from train.engines import EngineParts, build_engine
+    from train.loop.metrics import MetricLogger
+
+    out: dict[str, Any] = {}
+    for stage, precision, accum in runs:
+        name = f"z{stage}{precision}a{accum}"
+        cfg = make_cfg(Path(root) / name, "deepspeed", stage, accum=accum, train__precision=precision)
+        env, (model, opt, sched), loader = _setup(cfg, rank, world)
+        engine = build_engine(cfg.train.engine, EngineParts.from_config(cfg, model, opt, sched, env, "cpu"))
+        logger = MetricLogger(RunDir(Path(root) / name), Comm(env), torch.device("cpu"), total_steps=3,
+                              log_every=3, progress=False, max_nonfinite=2)
+        batches, weights, finite = iter(loader), [_weights(engine)], []
+        for step in range(3):
+            hook = engine.model.visual.register_forward_hook(lambda m, i, o: _NanGrad.apply(o)) if step == 1 else None
+            m = engine.step(next(batches))
+            if hook is not None:
+                hook.remove()
+            logger.record(step + 1, m, [f"s{step}"], 0.0)
+            finite.append(float(m["finite"]))
+            out[f"{name}/loss{step}"] = float(m["loss"])
+            weights.append(_weights(engine))
+        logger.flush()
+        logger.close()
+        out[f"{name}/finite"] = finite
+        out[f"{name}/skipped"] = logger.skipped_steps
+        out[f"{name}/logged_skipped"] = logger.last["skipped_steps"]
+        out[f"{name}/changed"] = [sorted(k for k in a if not np.array_equal(a[k], b[k]))
+                                  for a, b in zip(weights, weights[1:])]
+        out[f"{name}/nan_weights"] = sorted(k for k, v in weights[-1].items() if not np.isfinite(v).all())
+    return out
+
+
+@pytest.mark.slow
+def test_a_nan_gradient_skips_the_update_in_every_zero_stage(tmp_path):
+    from tests.distutil import run_distributed
+
+    # ZeRO 1-3 in bf16, one fp32 run, and the feature cache (its re-forwards' backward).
+    runs = [(1, "bf16", 1), (2, "bf16", 1), (3, "bf16", 1), (2, "fp32", 1), (1, "bf16", 2)]
+    res = run_distributed(nonfinite_worker, 1, str(tmp_path), runs, timeout=600)[0]
+    for stage, precision, accum in runs:
+        name = f"z{stage}{precision}a{accum}"
+        changed = res[f"{name}/changed"]
+        assert math.isfinite(res[f"{name}/loss1"]), "the injected fault must leave the loss finite"
+        assert res[f"{name}/finite"] == [1.0, 0.0, 1.0], name
+        assert changed[1] == [], f"{name}: the NaN-gradient step changed {changed[1]}"
+        assert "visual.conv1.weight" in changed[0] and "visual.conv1.weight" in changed[2], name
+        assert res[f"{name}/nan_weights"] == [], name
+        assert res[f"{name}/skipped"] == 1 and res[f"{name}/logged_skipped"] == 1.0, name

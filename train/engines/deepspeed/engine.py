@@ -15,6 +15,16 @@ deepspeed 0.19.7 drops the earlier micro-batches' gradients under ZeRO-1/2 (meas
 relative error 0.84); with them ZeRO-1 reduces once per step and ZeRO-2/3 reduce-scatter
 each re-forward's buckets into the gradient partitions (how DeepSpeed accumulates).
 
+Non-finite gradients: DeepSpeed skips a step only on its fp16 loss scaler's overflow; in
+bf16 / fp32 under ZeRO 1-3 a NaN gradient behind a finite loss would reach the optimizer
+(measured on 0.19.7: the reported norm stayed finite, the weights became NaN). A tensor
+hook on every trainable parameter ANDs ``isfinite(grad).all()`` of each local gradient (as
+autograd produces it, before DeepSpeed reduces or partitions it, so the same for every
+stage) into a device flag; the flags are min-reduced over ranks (a NaN on one rank reaches
+every rank's reduced gradient) and, with the loss, set fused Adam/AdamW's ``found_inf``: the
+update is skipped on the device, as under DDP, and the step's ``finite`` output is 0, which
+the metrics count as a skipped step (``skipped_steps``).
+
 Checkpoint folder (written into the folder the trainer gives; nothing outside it):
 ``ds/`` (DeepSpeed's own shards, tag ``ds``), ``latest`` and ``zero_to_fp32.py`` (written by
 DeepSpeed), ``model.pt`` (consolidated fp32 open_clip state_dict), ``extra.pt``,
@@ -36,7 +46,9 @@ from torch import nn
 
 from train.core.configbase import ConfigError
 from train.core.rundir import CheckpointDir
-from train.engines.base import EngineParts, check_parts, keep_implementation_flags, register_engine, resolve_precision
+from train.engines.base import (
+    EngineParts, check_parts, keep_implementation_flags, model_on, register_engine, resolve_precision,
+)
 from train.engines.ddp import grad_norm_, supports_device_skip
 from train.engines.deepspeed.config import build_ds_config, write_ds_config
 from train.engines.deepspeed.params import assert_no_scalar_params, restore_scalar_shapes, vectorize_scalar_params
@@ -79,7 +91,7 @@ class DeepSpeedEngine:
         self.logit_scale_max = parts.loss.logit_scale_max
         self.zero_stage = parts.deepspeed.zero_stage
         self.loss_fn = parts.loss_fn
-        self.model = parts.model.to(self.device)
+        self.model = model_on(parts.model, self.device)
         self.scalar_names = vectorize_scalar_params(self.model)
         assert_no_scalar_params(self.model)
         self.bf16 = resolve_precision(t.precision, self.device) == "bf16"
@@ -101,12 +113,20 @@ class DeepSpeedEngine:
         self.ds, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.ds_config
         )
+        self._grads_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        for p in self.model.parameters():
+            if p.requires_grad:
+                p.register_hook(self._watch_grad)
         self.forward = ForwardOptions(
             device=self.device, accum_steps=t.accum_steps, backward=self._backward, no_sync=self._not_boundary,
             input_dtype=torch.bfloat16 if self.bf16 else None, unique_texts=t.unique_texts,
         )
 
     # -- one step ---------------------------------------------------------------------
+
+    def _watch_grad(self, grad: torch.Tensor) -> None:
+        # In place on a device flag: no host read; reset at the start of each step.
+        self._grads_finite.logical_and_(torch.isfinite(grad).all())
 
     def _backward(self, tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         # engine.backward takes one scalar; d/dt sum(t * g) = g exactly.
@@ -132,10 +152,12 @@ class DeepSpeedEngine:
         """
         lr = torch.full((), float(self.optimizer.param_groups[0]["lr"]), device=self.device)
         self.ds.set_gradient_accumulation_boundary(True)
+        self._grads_finite.fill_(True)
         loss, scale = forward_backward(self.ds, self.loss_fn, batch.images, batch.texts, self.forward)
         loss = self.comm.all_reduce(loss, "mean")
+        grads_finite = self.comm.all_reduce(self._grads_finite.float(), "min") > 0
         norm = self._grad_norm_before_step()
-        finite = torch.isfinite(loss)
+        finite = torch.isfinite(loss) & grads_finite
         if norm is not None:
             finite = finite & torch.isfinite(norm)
         if self.skip_on_device:
