@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,19 @@ def test_a_name_meaning_other_k_in_another_benchmark_gets_its_own_line():
     assert any(line.startswith("- `mean_recall`:") and "recall@1/5/10" in line for line in lines)
     assert any(line.startswith("- `other mean_recall`:") and "recall@1/2;" in line for line in lines)
     assert legend([demo, demo]) == legend([demo])  # the same meaning twice: one line
+
+
+def test_readme_metric_table_names_every_retrieval_metric():
+    import re
+
+    import torch
+
+    from eval.evaluators.retrieval import text_ids, text_image_recalls
+
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    rows = [line for line in readme.read_text().splitlines() if line.startswith("| `")]
+    documented = {name for line in rows for name in re.findall(r"`([^`]+)`", line.split("|")[1])}
+    names = text_image_recalls(torch.eye(2), torch.eye(2), torch.tensor([0, 1]), [1, 5],
+                               ids=text_ids(["a", "a"]))
+    for name in names:
+        assert re.sub(r"@\d+", "@k", name) in documented, f"README's metric table lacks {name}"
