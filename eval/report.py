@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from eval import registry
 from eval.benchmark import BenchmarkSpec
 
 
@@ -67,23 +68,21 @@ def describe(metric: str, spec: BenchmarkSpec) -> str | None:
 
 
 def _retrieval_ks(spec: BenchmarkSpec) -> list[int]:
-    from eval import registry
-
     opts = spec.evaluators.get("retrieval")
     return registry.parse_options("retrieval", opts).ks if opts is not None else []
 
 
 def legend(specs: list[BenchmarkSpec]) -> str:
-    """Lines under the table that say what each column counts (values in % of the queries)."""
-    lines, seen = [], {}
+    """Lines under the table that say what each column counts ("" when none is known)."""
+    lines, first, told = [], {}, set()
     for spec in specs:
         for metric in table_metrics(spec):
             text = describe(metric, spec)
-            if text is None or seen.get(metric) == text:
+            if text is None or (metric, text) in told:
                 continue
             # the same name with another meaning (other k) is told apart by its benchmark
-            label = metric if metric not in seen else f"{spec.name} {metric}"
-            seen.setdefault(metric, text)
+            label = metric if first.setdefault(metric, text) == text else f"{spec.name} {metric}"
+            told.add((metric, text))
             lines.append(f"- `{label}`: {text}")
     if not lines:
         return ""

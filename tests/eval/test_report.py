@@ -53,6 +53,7 @@ def test_a_name_meaning_other_k_in_another_benchmark_gets_its_own_line():
     assert any(line.startswith("- `mean_recall`:") and "recall@1/5/10" in line for line in lines)
     assert any(line.startswith("- `other mean_recall`:") and "recall@1/2;" in line for line in lines)
     assert legend([demo, demo]) == legend([demo])  # the same meaning twice: one line
+    assert legend([demo, other, other]) == legend([demo, other])
 
 
 def test_readme_metric_table_names_every_retrieval_metric():
@@ -69,3 +70,8 @@ def test_readme_metric_table_names_every_retrieval_metric():
                                ids=text_ids(["a", "a"]))
     for name in names:
         assert re.sub(r"@\d+", "@k", name) in documented, f"README's metric table lacks {name}"
+
+
+def test_legend_is_empty_for_columns_it_does_not_know():
+    spec = dataclasses.replace(load_benchmark("demo"), table=["n_images"])
+    assert legend([spec]) == ""
