@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The main job on the embedded default: synthetic aerial scenes -> shards -> a tiny CLIP
-# trained for a few minutes on CPU (auto-resumes if interrupted) -> zero-shot table
+# trained for a few minutes on CPU (auto-resumes if interrupted) -> zero-shot + retrieval table
 # (trained vs random init, both through the eval harness).
 demo: $(STAMP)
 	test -f runs/demo-shards/manifest.json || \

@@ -15,7 +15,7 @@ import torch
 from eval import clip_benchmark
 from eval.benchmark import BenchmarkSpec, available, load_benchmark
 from eval.features import FeatureExtractor
-from eval.report import markdown_table, write_results
+from eval.report import legend, markdown_table, write_results
 from eval.runner import run_benchmark
 from train.api import ConfigError
 
@@ -130,7 +130,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     loaded = [r for r in rows if "error" not in r]
     if not loaded:
         return 2  # no model could be loaded: nothing to report
-    table = markdown_table(rows, specs)
+    # the legend travels with the table (results.md, recipe READMEs): column names alone do not
+    # say that mean_recall counts another image's identical caption as a miss
+    notes = legend(specs)
+    table = markdown_table(rows, specs) + (f"\n\n{notes}" if notes else "")
     payload = {"models": rows, "benchmarks": [s.name for s in specs], "device": device,
                "seconds": round(time.perf_counter() - start, 2)}
     json_path, md_path = write_results(args.out, payload, table)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+from eval import registry
 from eval.benchmark import BenchmarkSpec
 
 
@@ -31,6 +33,60 @@ def _fmt(metric: str, value: float | None) -> str:
     if metric.startswith("n_") or metric.endswith("_C"):
         return f"{value:g}"
     return f"{100 * value:.2f}"  # accuracies and recalls in percent
+
+
+_LEGEND: list[tuple[str, str]] = [
+    (r"acc1", "zero-shot: images whose class prompt scores highest."),
+    (r"acc(\d+)", "zero-shot: images whose class is among the {0} best-scoring prompts."),
+    (r"mean_per_class_recall", "zero-shot top-1 accuracy averaged over classes."),
+    (r"weighted_f1", "zero-shot F1 per class, averaged weighted by class size."),
+    (r"image_retrieval_recall@(\d+)", "text->image: captions whose own image is in the top {0}."),
+    (r"text_retrieval_recall@(\d+)", "image->text: images with one of their own captions in the top {0}."),
+    (r"mean_recall", "mR: mean of the text->image and image->text recall@{ks}; only an image's own captions count."),
+    (r"image_retrieval_recall@(\d+)_dedup",
+     "text->image: captions with, in the top {0}, an image that has this exact caption (its own or a copy)."),
+    (r"text_retrieval_recall@(\d+)_dedup",
+     "image->text: images with, in the top {0}, a caption identical to one of their own (another image's copy counts)."),
+    (r"mean_recall_dedup",
+     "mR (mean of both directions' recall@{ks}) where a caption identical word for word to a right one "
+     "(another image's copy) counts as right too."),
+    (r"image_image_recall@(\d+)", "image->image: images with another image of their class in the top {0}."),
+    (r"(linear|mlp)_probe_acc1", "{0} probe trained on frozen image features: top-1 accuracy."),
+    (r"(linear|mlp)_probe_mean_per_class_recall", "{0} probe: top-1 accuracy averaged over classes."),
+]
+"""(full-match pattern, description): groups fill ``{0}``; ``{ks}`` is the benchmark's retrieval k."""
+
+
+def describe(metric: str, spec: BenchmarkSpec) -> str | None:
+    """One sentence on what a table metric counts, or None for a name this module does not know."""
+    for pattern, text in _LEGEND:
+        m = re.fullmatch(pattern, metric)
+        if m:
+            ks = "/".join(map(str, _retrieval_ks(spec)))
+            return text.format(*m.groups(), ks=ks)
+    return None
+
+
+def _retrieval_ks(spec: BenchmarkSpec) -> list[int]:
+    opts = spec.evaluators.get("retrieval")
+    return registry.parse_options("retrieval", opts).ks if opts is not None else []
+
+
+def legend(specs: list[BenchmarkSpec]) -> str:
+    """Lines under the table that say what each column counts ("" when none is known)."""
+    lines, first, told = [], {}, set()
+    for spec in specs:
+        for metric in table_metrics(spec):
+            text = describe(metric, spec)
+            if text is None or (metric, text) in told:
+                continue
+            # the same name with another meaning (other k) is told apart by its benchmark
+            label = metric if first.setdefault(metric, text) == text else f"{spec.name} {metric}"
+            told.add((metric, text))
+            lines.append(f"- `{label}`: {text}")
+    if not lines:
+        return ""
+    return "\n".join(["Values in %; ties count against the model. Columns:"] + lines)
 
 
 def markdown_table(rows: list[dict[str, Any]], specs: list[BenchmarkSpec]) -> str:

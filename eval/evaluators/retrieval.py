@@ -7,6 +7,15 @@ Metric names follow CLIP_benchmark: ``image_retrieval_recall@k`` is text->image,
 ``text_retrieval_recall@k`` is image->text; ``mean_recall`` (mR) is their mean over
 all reported k. ``image_image_recall@k`` is leave-one-out retrieval of another image
 of the same class.
+
+Captions repeat word for word across images (template captions, RSICD's stock phrases);
+the strict metrics above, which published protocols (RemoteCLIP) report, count an
+identical caption of another image as a miss. Each also comes as ``NAME_dedup``
+(``image_retrieval_recall@k_dedup``, ``text_retrieval_recall@k_dedup``,
+``mean_recall_dedup``), where a right answer is any image or caption whose text equals
+a right one's (after stripping surrounding whitespace, nothing more): text->image hits
+any image that has the query's text among its captions, image->text any caption whose
+text is one of the image's own captions. Without duplicates the two sets are equal.
 """
 
 from __future__ import annotations
@@ -55,16 +64,45 @@ def caption_owners(captions: list[list[str]]) -> tuple[list[str], torch.Tensor, 
     return texts, torch.tensor(owners, dtype=torch.long), with_caps
 
 
-def text_image_recalls(image_feats: torch.Tensor, text_feats: torch.Tensor, owners: torch.Tensor,
-                       ks: list[int]) -> dict[str, float]:
-    """R@k both ways and their mean for images with captions (``owners[j]`` = image of text j)."""
-    sim = image_feats @ text_feats.T  # [N, M]
-    positive = owners[None, :] == torch.arange(len(image_feats))[:, None]
+def text_ids(texts: list[str]) -> torch.Tensor:
+    """long[M]: one id per distinct caption text (surrounding whitespace stripped), in first-seen order."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(t.strip(), len(ids)) for t in texts], dtype=torch.long)
+
+
+def same_text_positive(owners: torch.Tensor, ids: torch.Tensor, n_images: int) -> torch.Tensor:
+    """bool[N, M]: True where image i has a caption whose text is that of caption j.
+
+    One matrix serves both directions (caption j is a right answer for image i exactly when
+    image i is one for caption j); built by grouping captions by text id, no pairwise compare.
+    """
+    has_text = torch.zeros(n_images, int(ids.max()) + 1 if len(ids) else 0, dtype=torch.bool)
+    has_text[owners, ids] = True
+    return has_text[:, ids]
+
+
+def _recalls(sim: torch.Tensor, positive: torch.Tensor, ks: list[int], suffix: str) -> dict[str, float]:
     i2t = metrics.recall_at_k(metrics.retrieval_ranks(sim, positive), ks)
     t2i = metrics.recall_at_k(metrics.retrieval_ranks(sim.T, positive.T), ks)
-    out = {f"image_retrieval_recall@{k}": v for k, v in t2i.items()}
-    out.update({f"text_retrieval_recall@{k}": v for k, v in i2t.items()})
-    out["mean_recall"] = (sum(t2i.values()) + sum(i2t.values())) / (2 * len(ks))
+    out = {f"image_retrieval_recall@{k}{suffix}": v for k, v in t2i.items()}
+    out.update({f"text_retrieval_recall@{k}{suffix}": v for k, v in i2t.items()})
+    out[f"mean_recall{suffix}"] = (sum(t2i.values()) + sum(i2t.values())) / (2 * len(ks))
+    return out
+
+
+def text_image_recalls(image_feats: torch.Tensor, text_feats: torch.Tensor, owners: torch.Tensor,
+                       ks: list[int], ids: torch.Tensor | None = None) -> dict[str, float]:
+    """R@k both ways and their mean for images with captions (``owners[j]`` = image of text j).
+
+    Args:
+        ids: text id of each caption (:func:`text_ids`); given, the ``*_dedup`` metrics are
+            added, which count an identical caption text as a right answer.
+    """
+    sim = image_feats @ text_feats.T  # [N, M]
+    positive = owners[None, :] == torch.arange(len(image_feats))[:, None]
+    out = _recalls(sim, positive, ks, "")
+    if ids is not None:
+        out.update(_recalls(sim, same_text_positive(owners, ids, len(image_feats)), ks, "_dedup"))
     return out
 
 
@@ -104,7 +142,8 @@ def image_image_recalls(feats: torch.Tensor, labels: torch.Tensor, ks: list[int]
 
 @register("retrieval", RetrievalOptions, needs_captions=True)
 def retrieval(ctx: EvalContext, opts: RetrievalOptions) -> Iterator[Metric]:
-    """Yields text/image retrieval R@k, mean_recall, n_images, n_texts (+ image_image_recall@k)."""
+    """Yields text/image retrieval R@k, mean_recall, their ``_dedup`` forms, n_images, n_texts
+    (+ image_image_recall@k)."""
     ds = ctx.dataset
     texts, owners, with_caps = caption_owners(ds.captions)
     if not texts:
@@ -116,7 +155,9 @@ def retrieval(ctx: EvalContext, opts: RetrievalOptions) -> Iterator[Metric]:
     remap = torch.full((len(ds),), -1, dtype=torch.long)
     remap[with_caps] = torch.arange(len(with_caps))
     text_feats = ctx.extractor.text_features(texts)
-    results = text_image_recalls(feats[with_caps], text_feats, remap[owners], opts.ks)
+    # every rank holds all gathered image features and all texts here, so the dedup
+    # metrics, like the strict ones, come out the same on every rank without a collective
+    results = text_image_recalls(feats[with_caps], text_feats, remap[owners], opts.ks, ids=text_ids(texts))
     yield from results.items()
     path = ctx.figure_path("retrieval_examples") if opts.examples else None
     if path is not None:

@@ -40,14 +40,22 @@ def test_cli_runs_models_and_writes_results(micro, tmp_path, capsys):
     # the checkpoint file's weights were used: same numbers as evaluating the model directly
     assert {f"demo/{k}": v for k, v in got["metrics"].items()} == pytest.approx(expected)
     for k in ("acc1", "acc3", "acc5", "mean_per_class_recall", "weighted_f1", "mean_recall",
-              "image_retrieval_recall@1", "text_retrieval_recall@10", "image_image_recall@1"):
+              "image_retrieval_recall@1", "text_retrieval_recall@10", "image_image_recall@1",
+              "mean_recall_dedup", "image_retrieval_recall@1_dedup", "text_retrieval_recall@10_dedup"):
         assert 0.0 <= got["metrics"][k] <= 1.0, k
+    # the demo's template captions repeat across images; dedup's right answers include the strict ones
+    for k in ("mean_recall", "image_retrieval_recall@1", "text_retrieval_recall@1"):
+        assert got["metrics"][f"{k}_dedup"] >= got["metrics"][k], k
     assert got["metrics"]["n_samples"] == 40
     skipped = res["models"][0]["results"]["missing"]
     assert skipped["status"] == "skipped" and "data not found" in skipped["message"]
     table = (out / "results.md").read_text()
     assert table.splitlines()[0].startswith("| model | demo acc1 |")
+    assert "| demo mean_recall | demo mean_recall_dedup |" in table.splitlines()[0]
     assert "| micro-ckpt |" in table and "| orbit-micro |" in table and "skipped" in table
+    # the legend under the table says what the strict and the dedup columns count
+    assert "\n\nValues in %" in table
+    assert "- `mean_recall`: mR" in table and "- `mean_recall_dedup`: mR" in table
     assert table.strip() in capsys.readouterr().out
     assert (out / "micro-ckpt" / "demo" / "confusion.png").is_file()
     assert got["figures"] == {name: str(out / "micro-ckpt" / "demo" / f"{name}.png")

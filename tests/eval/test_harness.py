@@ -36,7 +36,8 @@ def test_perfect_toy_model_scores_one(toy_shards, tmp_path):
     res, _ = _metrics(bench, out_dir=tmp_path / "out")
     m = res.metrics
     for k in ("acc1", "acc2", "acc4", "acc10", "mean_per_class_recall", "weighted_f1",
-              "image_retrieval_recall@1", "text_retrieval_recall@1", "mean_recall"):
+              "image_retrieval_recall@1", "text_retrieval_recall@1", "mean_recall",
+              "image_retrieval_recall@1_dedup", "text_retrieval_recall@1_dedup", "mean_recall_dedup"):
         assert m[k] == 1.0, k
     assert m["n_samples"] == 40 and m["n_texts"] == 80
     cm = json.loads((tmp_path / "out" / "confusion.json").read_text())

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from sklearn import metrics as skm
 
 from eval import metrics
-from eval.evaluators.retrieval import caption_owners, image_image_recalls, text_image_recalls
+from eval.evaluators.retrieval import (caption_owners, image_image_recalls, same_text_positive, text_ids,
+                                      text_image_recalls)
 from eval.prompts import class_prompts, ensemble, fill_template
 
 
@@ -97,6 +98,54 @@ def test_text_image_recalls_and_mean():
     # wrong ones score 1: pessimistic rank 5, a miss even at k=5
     assert r2["text_retrieval_recall@5"] == pytest.approx(3 / 4)
     assert r2["mean_recall"] == pytest.approx((0.5 + 1 + 0.5 + 0.75) / 4)
+
+
+def test_caption_text_ids_strip_surrounding_whitespace_only():
+    assert text_ids(["a field.", " a field. ", "A field.", "a  field.", "a field."]).tolist() == [0, 0, 1, 2, 0]
+
+
+def test_dedup_recalls_count_an_identical_caption_of_another_image_as_right():
+    # images 0 and 1 share the caption "a field." word for word; identical texts have identical
+    # features, so the two copies always tie, and the strict metric's pessimistic tie counts the
+    # other image's copy as a wrong answer ranked above the right one
+    img = torch.eye(3)
+    texts, owners, _ = caption_owners([["a field.", "a river."], ["a field. ", "a road."], ["a lake."]])
+    e = torch.eye(3)
+    txt = torch.stack([e[0], e[2], e[0], e[1], e[2]])  # "a river." looks like image 2
+    # sim rows = images, columns = captions c0..c4:
+    #   img0 [1, 0, 1, 0, 0]; img1 [0, 0, 0, 1, 0]; img2 [0, 1, 0, 0, 1]
+    ids = text_ids(texts)
+    assert ids.tolist() == [0, 1, 0, 2, 3]
+    assert same_text_positive(owners, ids, 3).tolist() == [
+        [True, True, True, False, False],    # img0: its own c0, c1 and c2 (the same text as c0)
+        [True, False, True, True, False],    # img1: c0 (the same text as its c2), c2, c3
+        [False, False, False, False, True]]  # img2: c4
+    r = text_image_recalls(img, txt, owners, [1, 2], ids=ids)
+    # strict image->text: img0's own c0 ties with img1's c2 -> rank 1; img1 rank 0;
+    # img2's c4 ties with img0's c1 -> rank 1.  R@1 = 1/3, R@2 = 3/3
+    assert (r["text_retrieval_recall@1"], r["text_retrieval_recall@2"]) == (pytest.approx(1 / 3), 1.0)
+    # dedup: c2 counts for img0, so img0 is a hit; img2 still misses (c1 is another text)
+    assert (r["text_retrieval_recall@1_dedup"], r["text_retrieval_recall@2_dedup"]) == (pytest.approx(2 / 3), 1.0)
+    # strict text->image: c2 (of img1) ranks img0 first and ties img2 with img1 -> rank 2;
+    # c1 ranks img2 first, ties img1 -> rank 2; c0, c3, c4 rank 0.  R@1 = R@2 = 3/5
+    assert r["image_retrieval_recall@1"] == pytest.approx(3 / 5) == r["image_retrieval_recall@2"]
+    # dedup: img0 holds the text of c2 too -> c2 is a hit; c1 still misses.  R@1 = R@2 = 4/5
+    assert r["image_retrieval_recall@1_dedup"] == pytest.approx(4 / 5) == r["image_retrieval_recall@2_dedup"]
+    assert r["mean_recall"] == pytest.approx((3 / 5 + 3 / 5 + 1 / 3 + 1) / 4)  # 19/30
+    assert r["mean_recall_dedup"] == pytest.approx((4 / 5 + 4 / 5 + 2 / 3 + 1) / 4)  # 49/60
+
+
+def test_dedup_recalls_equal_the_strict_ones_without_duplicate_captions():
+    gen = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(7, 8, generator=gen), dim=-1)
+    caps = [[f"image {i} caption {j}" for j in range(1 + i % 3)] for i in range(7)]
+    texts, owners, _ = caption_owners(caps)
+    txt = F.normalize(img[owners] + torch.randn(len(texts), 8, generator=gen), dim=-1)
+    r = text_image_recalls(img, txt, owners, [1, 2, 5], ids=text_ids(texts))
+    strict = {k: v for k, v in r.items() if not k.endswith("_dedup")}
+    assert len(strict) == 7 and 0 < strict["mean_recall"] < 1  # not trivially all hits or misses
+    assert r == {**strict, **{f"{k}_dedup": v for k, v in strict.items()}}
+    assert text_image_recalls(img, txt, owners, [1, 2, 5]) == strict  # no ids: strict metrics only
 
 
 def test_image_image_leave_one_out():
