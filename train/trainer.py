@@ -34,6 +34,7 @@ from train.engines.base import choose_precision
 from train.loop.checkpoint import CheckpointManager
 from train.loop.metrics import MetricLogger
 from train.loop.pictures import batch_grid, png_image
+from train.loop.plan import check_fits, plan_step, should_check
 from train.loop.signals import StopFlag
 from train.model import build_model, save_model_config
 from train.model.compile import compile_towers
@@ -89,7 +90,9 @@ def process_group(env: DistEnv, device: torch.device, backend: str = "auto") -> 
             backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=env.init_method, rank=env.rank, world_size=env.world_size)
     try:
-        yield collectives.install(Comm(env, device))
+        comm = Comm(env, device)
+        collectives.install(comm)
+        yield comm
     finally:
         collectives.install(None)
         if owned:
@@ -107,6 +110,11 @@ class Trainer:
             from eval.api import check_benchmarks
 
             check_benchmarks(cfg.eval.benchmarks)
+        if should_check(cfg.train.memory_check, cfg, device):
+            plan = plan_step(cfg, env.world_size, device)
+            for line in plan.lines():
+                log.info("%s", line)
+            check_fits(plan, env.local_world_size, device)
         self.run = RunDir(cfg.run.dir)
         if env.is_main:
             self.run.path.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,10 @@ class Comm:
             process group's backend (see :func:`comm_device_for`).
     """
 
+    simulated = False
+    """True for stand-ins that pretend a world in one process (the memory planner's): :func:`current`
+    keeps them installed whatever the process group says."""
+
     def __init__(self, env: DistEnv, compute: torch.device | str = "cpu") -> None:
         self.env = env
         self.compute = torch.device(compute)
@@ -248,6 +252,8 @@ def current() -> Comm:
     The losses reach collectives through this, so that they need no plumbing.
     """
     global _current
+    if _current is not None and _current.simulated:
+        return _current
     initialized = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if initialized else 1
     if _current is None or _current.active != (initialized and world > 1) or _current.world != world:
@@ -258,10 +264,10 @@ def current() -> Comm:
 
 def install(comm: Comm | None) -> Comm | None:
     """Make ``comm`` the process's :func:`current` one (the trainer does, with its device);
-    ``None`` forgets it (when the process group goes away)."""
+    ``None`` forgets it (when the process group goes away). Returns the one installed before."""
     global _current
-    _current = comm
-    return comm
+    before, _current = _current, comm
+    return before
 
 
 def _default_compute() -> torch.device:

@@ -211,6 +211,10 @@ class TrainConfig:
     keys; the feature cache's RNG replay stays exact). The first steps pay the compile time."""
     progress: bool = True
     """Progress bar with ETA on rank 0."""
+    memory_check: Literal["auto", "always", "never"] = "auto"
+    """Count one step's memory before training (the planner, ``python -m train plan``), log it
+    and refuse a run that cannot fit the machine. ``auto``: on CUDA, and on CPU from 4,096
+    samples per rank (a fake step costs seconds; smaller CPU runs are never the risk)."""
     detect_anomaly_keys: bool = True
     """Stop the run on non-finite steps (see max_nonfinite_steps), naming the step and the
     batch's sample keys; false = only skip and count them."""

@@ -46,4 +46,13 @@ def build_train_loader(
     return ShardTrainLoader(data, seed, env, tokenizer, transform)
 
 
-__all__ = ["Batch", "Tokenizer", "TrainLoader", "build_train_loader"]
+def batches_held(data: DataConfig, cuda: bool) -> int:
+    """How many whole batches the loader holds at once, at most: the synthetic source and
+    ``workers=0`` build one at a time; worker processes each prefetch ``prefetch_factor`` and
+    the trainer holds the one in use, plus its pinned copy on CUDA."""
+    if data.source == "synthetic" or data.workers == 0:
+        return 1
+    return data.workers * data.prefetch_factor + 1 + int(cuda and data.pin_memory)
+
+
+__all__ = ["Batch", "Tokenizer", "TrainLoader", "batches_held", "build_train_loader"]

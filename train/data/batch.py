@@ -24,6 +24,12 @@ class Batch:
     keys: list[str]
     """Sample keys, for tracing a bad step back to its data."""
 
+    @classmethod
+    def empty(cls, n: int, image_size: int, context_length: int) -> "Batch":
+        """An uninitialized batch of ``n`` samples in this layout (the memory planner counts it)."""
+        return cls(torch.empty(n, 3, image_size, image_size, dtype=torch.float32),
+                   torch.empty(n, context_length, dtype=torch.long), [str(i) for i in range(n)])
+
     def pin_memory(self) -> "Batch":
         """Called by DataLoader(pin_memory=True)."""
         return Batch(self.images.pin_memory(), self.texts.pin_memory(), self.keys)
