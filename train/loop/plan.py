@@ -14,11 +14,11 @@ Two things cannot run over fake tensors and are stated as such in the plan: DDP'
 collectives, which a :class:`PlanComm` replaces by shape-true stand-ins for ``world`` ranks.
 
 Large accumulation counts: with a fixed micro-batch, the step's peak is affine in
-``accum_steps`` once the contrastive batch is at least one loss block (the features, their
-gradients and the batch grow with it; activations, parameters, optimizer state and the loss
-block do not). Beyond :data:`COUNT_UP_TO` micro-batches the planner counts two steps and
-extrapolates, and says so; ``tests/train/loop/test_plan.py`` checks the affinity against a
-counted step.
+``accum_steps`` once the contrastive batch spans two loss blocks (the features, their
+gradients and the batch grow with it; activations, parameters, optimizer state and the loss's
+blocks do not — at one block the loss holds fewer blocks, so the line starts at two). Beyond
+:data:`COUNT_UP_TO` micro-batches the planner counts two such steps and extrapolates, and says
+so; ``tests/train/loop/test_plan.py`` checks the extrapolation against a counted step.
 """
 
 from __future__ import annotations
@@ -248,18 +248,15 @@ def plan_step(cfg: Config, world: int = 1, device: torch.device | None = None) -
                           "DeepSpeed's partitioned state cannot be built over fake tensors)")
     k, micro = cfg.train.accum_steps, cfg.data.batch_size // max(1, cfg.train.accum_steps)
     block = max(1, cfg.loss.block_size)
-    if k <= COUNT_UP_TO:
-        return _count(cfg, world, device)
-    # Two counted steps where the contrastive batch already spans a whole loss block.
-    k1 = max(2, math.ceil(block / max(1, micro * world)))
-    k1 = min(k1, COUNT_UP_TO // 2)
+    # Two counted steps whose contrastive batch spans two loss blocks or more: from there on
+    # the loss holds the same blocks at its peak, whatever the batch.
+    k1 = max(2, math.ceil(2 * block / max(1, micro * world)))
     k2 = 2 * k1
+    if k <= max(COUNT_UP_TO, k2):
+        return _count(cfg, world, device)
     a, b = (_count(_with_accum(cfg, kk, micro), world, device) for kk in (k1, k2))
     ext = lambda x, y: x + (y - x) * (k - k1) // (k2 - k1)  # noqa: E731
     notes = list(b.notes)
-    if micro * world * k1 < block:
-        notes.append(f"the counted steps' batch ({micro * world * k1}) is below one loss block ({block}): "
-                     "the extrapolation may overstate the loss's share")
     return dataclasses.replace(
         b, batch_per_rank=cfg.data.batch_size, accum_steps=k, step_peak=ext(a.step_peak, b.step_peak),
         after_step=ext(a.after_step, b.after_step),

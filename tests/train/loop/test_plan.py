@@ -45,13 +45,17 @@ def test_the_plan_matches_the_measured_peak_within_15_percent(batch, accum):
 
 
 def test_more_accumulation_is_extrapolated_exactly_from_two_counted_steps(monkeypatch):
-    c = cfg("data.batch_size=64", "train.accum_steps=8", "loss.block_size=16")
+    # Blocks large next to the features, so that a wrong start of the line would show.
+    c = cfg("data.batch_size=768", "train.accum_steps=24", "loss.block_size=128")
+    monkeypatch.setattr(planner, "COUNT_UP_TO", 100)
     counted = plan_step(c)
     monkeypatch.setattr(planner, "COUNT_UP_TO", 4)
     guessed = plan_step(c)
-    assert counted.extrapolated_from is None and guessed.extrapolated_from == (2, 4)
+    assert counted.extrapolated_from is None and guessed.extrapolated_from == (8, 16)
     assert guessed.batch_bytes == counted.batch_bytes and guessed.after_step == counted.after_step
-    assert abs(guessed.step_peak - counted.step_peak) <= 0.01 * counted.step_peak
+    assert abs(guessed.step_peak - counted.step_peak) <= 0.01 * counted.step_peak, (guessed.step_peak, counted.step_peak)
+    for name, peak in counted.phase_peaks.items():
+        assert abs(guessed.phase_peaks[name] - peak) <= 0.01 * peak, name
 
 
 def test_the_plan_is_per_rank_and_counts_the_gathered_columns():
