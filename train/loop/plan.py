@@ -291,7 +291,7 @@ def _count(cfg: Config, world: int, device: torch.device | None) -> MemoryPlan:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     device = torch.device(device) if device is not None else plan_device(cfg)
-    notes = []
+    cfg, notes = _countable(cfg)
     if cfg.train.device == "cuda" and device.type == "cpu":
         notes.append("counted on CPU (this torch has no CUDA): CUDA kernels (flash attention) may use less")
     rng = capture_process()
@@ -328,6 +328,22 @@ def _count(cfg: Config, world: int, device: torch.device | None) -> MemoryPlan:
         phase_peaks={k: v - on_device for k, v in counter.phase_peak.items()},
         batch_bytes=batch_bytes, batches_held=batches_held(cfg.data, cuda=device.type == "cuda"),
         ddp_buckets=trainable if world > 1 else 0, notes=notes)
+
+
+def _countable(cfg: Config) -> tuple[Config, list[str]]:
+    """The config as the fake step can run it, and what was changed for it."""
+    notes, model, train = [], cfg.model, cfg.train
+    weights = model.pretrained
+    if weights and not weights.startswith(("local-dir:", "hf:")):
+        # A tag, a checkpoint file or a run of ours: the architecture is model.name, and
+        # the weights' values do not change memory (nor need a download to plan).
+        model = dataclasses.replace(model, pretrained=None)
+        notes.append(f"counted with random weights of {model.name} (model.pretrained={weights} not loaded)")
+    if train.unique_texts:
+        # Which captions repeat is data; counting every caption is the upper bound.
+        train = dataclasses.replace(train, unique_texts=False)
+        notes.append("counted without train.unique_texts (an upper bound: repeated captions are encoded once)")
+    return dataclasses.replace(cfg, model=model, train=train), notes
 
 
 def _bytes(batch: Batch) -> int:

@@ -131,3 +131,16 @@ def test_the_trainer_logs_the_plan_and_refuses_what_cannot_fit(tmp_path, monkeyp
     with pytest.raises(ConfigError, match=r"needs about .* of memory .* 0.0 GiB available: lower data.batch_size"):
         run(load_config(None, [*base, "run.name=too-big"]))
     assert not (tmp_path / "too-big").exists()  # refused before anything is written
+
+
+SHIPPED = sorted(str(p.relative_to(ROOT / "configs").with_suffix("")) for p in
+                 [*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "recipes").glob("*.yaml")])
+
+
+@pytest.mark.slow
+def test_the_planner_answers_for_every_shipped_config(capsys):
+    assert len(SHIPPED) >= 8
+    for name in SHIPPED:
+        assert main(["plan", "--config", name, "--json"]) == 0, name
+        plan = json.loads(capsys.readouterr().out)["plan"]
+        assert plan["device_peak"] > plan["state"] > 0, name
