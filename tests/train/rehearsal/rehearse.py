@@ -124,7 +124,8 @@ def ddp_step(mode: Any, accum: int) -> str:
 
 
 def losses_world8(mode: Any) -> str:
-    """ClipLoss and SigLipLoss with the gather with gradient at world 8, NCCL and gloo placement."""
+    """The tiled losses (one block, several blocks) and the plain ones with the gather with gradient
+    at world 8, NCCL and gloo placement."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -133,7 +134,7 @@ def losses_world8(mode: Any) -> str:
     from train.core import collectives
     from train.core.config import LossConfig
     from train.core.distenv import DistEnv
-    from train.objective.loss import build_loss
+    from train.objective.loss import ClipLoss, SigLipLoss, build_loss
 
     world, rank, local, dim = 8, 3, 4, 16
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
@@ -147,18 +148,20 @@ def losses_world8(mode: Any) -> str:
             with mode:
                 gathered = comm.all_gather(torch.randn(local, dim, device=CUDA))
                 assert gathered.shape == (world * local, dim) and gathered.device == torch.device(CUDA)
-                for kind in ("clip", "siglip"):
+                # Tiled (the default) in one block and in several, and the plain reference losses.
+                for kind, block in [(k, b) for k in ("clip", "siglip") for b in (4096, 8, None)]:
                     image = torch.randn(local, dim, device=CUDA, requires_grad=True)
                     text = torch.randn(local, dim, device=CUDA, requires_grad=True)
                     scale = torch.full((), 10.0, device=CUDA, requires_grad=True)
                     bias = torch.full((), -10.0, device=CUDA, requires_grad=True) if kind == "siglip" else None
-                    loss = build_loss(LossConfig(kind=kind))(F.normalize(image, dim=-1), F.normalize(text, dim=-1),
-                                                             scale, bias)
+                    loss_fn = build_loss(LossConfig(kind=kind, block_size=block)) if block else \
+                        (ClipLoss() if kind == "clip" else SigLipLoss())
+                    loss = loss_fn(F.normalize(image, dim=-1), F.normalize(text, dim=-1), scale, bias)
                     loss.backward()
                     assert loss.device == torch.device(CUDA) and loss.dim() == 0
                     assert image.grad.shape == image.shape and image.grad.device == torch.device(CUDA)
                     assert scale.grad.device == torch.device(CUDA)
-                    checked.append(f"{kind}/{placement}")
+                    checked.append(f"{kind}/{'block ' + str(block) if block else 'plain'}/{placement}")
     finally:
         collectives.install(None)
         dist.destroy_process_group()
