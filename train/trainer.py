@@ -57,7 +57,7 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but CUDA is not available on this machine")
-    device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    device = torch.device("cuda", env.device_index(torch.cuda.device_count()))
     torch.cuda.set_device(device)
     return device
 

@@ -20,6 +20,7 @@ import yaml
 
 from tests import REPO_ROOT as ROOT
 from tests.distutil import free_port
+from tests.launch.test_launch import fake_slurm  # noqa: F401 (a fixture)
 
 STEPS = 6
 TINY = {
@@ -101,8 +102,9 @@ def assert_written_once(run_dir: Path, logs: list[Path]) -> None:
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["latest", "step_0000003", "step_0000006"]
-    lines = [line for log in logs for line in log.read_text().splitlines() if " INFO checkpoint " in line]
-    assert len(lines) == 2 and all("[rank 0]" in line for line in lines), lines
+    said = [m.group(1) for log in logs for line in log.read_text().splitlines()
+            if (m := re.search(r"\[rank (\d+)\] INFO (?:train: )?checkpoint ", line))]
+    assert said == ["0", "0"], said
 
 
 @pytest.fixture(scope="module")
@@ -133,5 +135,69 @@ def test_two_torchrun_nodes_equal_one_node_of_four(tmp_path, four_ranks):
     run_dir = tmp_path / "runs" / "two"
     extra = torch.load(run_dir / "checkpoints" / "step_0000006" / "extra.pt", weights_only=False)
     assert extra["world_size"] == 4
+    assert_written_once(run_dir, logs)
+    assert_bit_identical(final_params(run_dir), final_params(four_ranks))
+
+
+# ---------------------------------------------------------------- SLURM (fake sbatch/srun, two node groups)
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def recording_run(cfg, env):
+    """The job's target: record what this task derived from SLURM, then train as ``launch`` does."""
+    import json
+
+    from train.api import dist_env_from
+    from train.trainer import run
+
+    slurm_only = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    seen = {
+        "slurm": {k: os.environ.get(k) for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURMD_NODENAME",
+                                                 "SLURM_JOB_NODELIST")},
+        "job": [env.rank, env.world_size, env.local_rank, env.local_world_size, env.master_addr, env.master_port,
+                env.device_index(2)],
+        "distenv": [(d := dist_env_from(slurm_only)).rank, d.world_size, d.local_rank, d.local_world_size,
+                    d.master_addr, d.master_port, d.device_index(2)],
+        "pgid": os.getpgid(0),
+        "hostnames": subprocess.run(["scontrol", "show", "hostnames"], capture_output=True, text=True,
+                                    check=True).stdout.split(),
+    }
+    (Path(cfg.run.root) / f"task{env.rank}.json").write_text(json.dumps(seen))
+    return run(cfg, env)
+
+
+@pytest.mark.slow
+def test_two_slurm_nodes_equal_one_node_of_four(tmp_path, capsys, fake_slurm, four_ranks):  # noqa: F811
+    import json
+
+    from launch import cli
+    from launch.task import port_for_job
+    from tests.launch.test_launch import fakeslurm
+
+    config = write_tiny(tmp_path, "slurm")
+    code = cli.main(["slurm", "--config", str(config), "--nodes", "2", "--gpus-per-node", "2", "--partition", "cpu",
+                     "--time", "1:00:00", "--target", "tests.launch.test_multinode:recording_run"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    job_id = re.search(r"submitted job (\d+)", out).group(1)
+    run_dir = tmp_path / "runs" / "slurm"
+    state = fakeslurm.wait_state(fake_slurm, job_id, {"COMPLETED", "FAILED"}, DEADLINE_S)
+    logs = sorted((run_dir / "slurm" / job_id).glob("*_log.err"))
+    assert state == "COMPLETED", "\n".join(log.read_text()[-2000:] for log in logs)
+    tasks = [json.loads((tmp_path / "runs" / f"task{r}.json").read_text()) for r in range(4)]
+    port = port_for_job(job_id)
+    for rank, task in enumerate(tasks):
+        node, local = divmod(rank, 2)
+        assert task["slurm"] == {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(local), "SLURM_NODEID": str(node),
+                                 "SLURMD_NODENAME": ["localhost", "127.0.0.1"][node],
+                                 "SLURM_JOB_NODELIST": "localhost,127.0.0.1"}
+        assert task["hostnames"] == ["localhost", "127.0.0.1"]
+        # rank, world, local rank, local world, master address and port, GPU index (of 2)
+        assert task["job"] == [rank, 4, local, 2, "localhost", port, local]
+        assert task["distenv"][:5] + task["distenv"][6:] == [rank, 4, local, 2, "localhost", local]
+    assert len({t["distenv"][5] for t in tasks}) == 1  # one rendezvous port for the whole job
+    # Two node groups, two tasks each.
+    assert tasks[0]["pgid"] == tasks[1]["pgid"] != tasks[2]["pgid"] == tasks[3]["pgid"]
     assert_written_once(run_dir, logs)
     assert_bit_identical(final_params(run_dir), final_params(four_ranks))
