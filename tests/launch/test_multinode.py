@@ -22,15 +22,15 @@ from tests import REPO_ROOT as ROOT
 from tests.distutil import free_port
 from tests.launch.test_launch import fake_slurm  # noqa: F401 (a fixture)
 
-STEPS = 6
+STEPS = 32
 TINY = {
     "model": {"name": "orbit-micro"},
     # batch 2 per rank: the global batch of 8 is cut the same way by 1 x 4 and 2 x 2 ranks.
     "data": {"source": "synthetic", "batch_size": 2, "workers": 0, "synthetic_samples": 64,
              "synthetic_image_size": 32},
     "optim": {"warmup_steps": 2},
-    "train": {"steps": STEPS, "checkpoint_every": 3, "log_every": 2, "progress": False, "precision": "fp32",
-              "device": "cpu"},
+    "train": {"steps": STEPS, "checkpoint_every": 8, "keep_checkpoints": 4, "log_every": 4, "progress": False,
+              "precision": "fp32", "device": "cpu"},
     "eval": {"at_end": False},
 }
 DEADLINE_S = 180
@@ -101,10 +101,10 @@ def assert_written_once(run_dir: Path, logs: list[Path]) -> None:
     """One TensorBoard file, the checkpoints of one writer, each reported by rank 0 alone."""
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert ckpts == ["latest", "step_0000003", "step_0000006"]
+    assert ckpts == ["latest", "step_0000008", "step_0000016", "step_0000024", "step_0000032"]
     said = [m.group(1) for log in logs for line in log.read_text().splitlines()
             if (m := re.search(r"\[rank (\d+)\] INFO (?:train: )?checkpoint ", line))]
-    assert said == ["0", "0"], said
+    assert said == ["0"] * 4, said
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_two_torchrun_nodes_equal_one_node_of_four(tmp_path, four_ranks):
     text = [log.read_text() for log in logs]
     assert all(len(set(re.findall(r"\[rank (\d)\]", t))) == 2 for t in text), text
     run_dir = tmp_path / "runs" / "two"
-    extra = torch.load(run_dir / "checkpoints" / "step_0000006" / "extra.pt", weights_only=False)
+    extra = torch.load(run_dir / "checkpoints" / "step_0000032" / "extra.pt", weights_only=False)
     assert extra["world_size"] == 4
     assert_written_once(run_dir, logs)
     assert_bit_identical(final_params(run_dir), final_params(four_ranks))
@@ -201,3 +201,101 @@ def test_two_slurm_nodes_equal_one_node_of_four(tmp_path, capsys, fake_slurm, fo
     assert tasks[0]["pgid"] == tasks[1]["pgid"] != tasks[2]["pgid"] == tasks[3]["pgid"]
     assert_written_once(run_dir, logs)
     assert_bit_identical(final_params(run_dir), final_params(four_ranks))
+
+
+# ---------------------------------------------------------------- a stalled node (SIGSTOP), then SIGCONT
+
+PEER_TIMEOUT_S = 6.0
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (torchrun's workers run in sessions of their own)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += [c for c, parent in parents.items() if parent == p]
+    return out
+
+
+def signal_node(proc: subprocess.Popen, sig: int) -> None:
+    """Every process of a node (agent and workers), as when its host stalls."""
+    for pid in tree(proc.pid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for(path: Path, procs: list[subprocess.Popen], deadline_s: float = DEADLINE_S) -> None:
+    end = time.monotonic() + deadline_s
+    while not path.exists():
+        assert all(p.poll() is None for p in procs), f"a node ended before {path.name}"
+        assert time.monotonic() < end, f"no {path} after {deadline_s} s"
+        time.sleep(0.02)
+
+
+def wait_listening(endpoint: str, proc: subprocess.Popen) -> None:
+    """Until node 0's torchrun serves the rendezvous (so it, not node 1, hosts the job's store)."""
+    import socket
+
+    host, port = endpoint.rsplit(":", 1)
+    end = time.monotonic() + 60
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex((host, int(port))) == 0:
+                return
+        assert proc.poll() is None and time.monotonic() < end, "node 0 never served the rendezvous"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_stopped_node_is_survived_when_it_continues_and_named_when_it_does_not(tmp_path, four_ranks):
+    config = write_tiny(tmp_path, "stall", peer_timeout_s=PEER_TIMEOUT_S)
+    run_dir = tmp_path / "runs" / "stall"
+    endpoint = f"127.0.0.1:{free_port()}"
+    logs = [tmp_path / f"node{n}.log" for n in (0, 1)]
+    procs = [start_node(config, 0, endpoint, logs[0])]
+    try:
+        wait_listening(endpoint, procs[0])
+        procs.append(start_node(config, 1, endpoint, logs[1]))
+        # 1) Stopped for half the bound between steps, then continued: the run goes on unharmed.
+        wait_for(run_dir / "checkpoints" / "step_0000008", procs)
+        signal_node(procs[1], signal.SIGSTOP)
+        time.sleep(PEER_TIMEOUT_S / 2)
+        signal_node(procs[1], signal.SIGCONT)
+        wait_for(run_dir / "checkpoints" / "step_0000016" / "MANIFEST.json", procs)
+        # 2) Stopped for good: node 0's ranks name node 1's ranks and exit non-zero within the bound.
+        signal_node(procs[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        code = procs[0].wait(timeout=60)
+        node0_done = time.monotonic() - stopped
+    finally:
+        kill_sessions(procs)
+        for p in procs[1:]:
+            signal_node(p, signal.SIGKILL)
+    text = logs[0].read_text()
+    node1_ranks = sorted(set(re.findall(r"\[rank (\d)\]", logs[1].read_text())))
+    assert len(node1_ranks) == 2, logs[1].read_text()[-2000:]
+    reports = re.findall(r"^rank (\d): peer ranks stalled or lost: (.*?); this rank was (.*?) "
+                         rf"\(train.peer_timeout_s={PEER_TIMEOUT_S:g}\): stopping$", text, re.M)
+    assert len(reports) == 2, text[-3000:]  # one line from each of node 0's ranks
+    assert sorted(r for r, _, _ in reports) == sorted({"0", "1", "2", "3"} - set(node1_ranks))
+    for _, who, where in reports:
+        silent = re.findall(r"rank (\d) silent for ([\d.]+) s", who)
+        assert sorted(r for r, _ in silent) == node1_ranks
+        assert all(PEER_TIMEOUT_S <= float(s) < PEER_TIMEOUT_S + 2 for _, s in silent), silent
+        assert re.fullmatch(r"in step \d+|checkpointing step \d+", where), where
+    assert code != 0
+    print(f"node 0 ended {node0_done:.1f} s after node 1 stopped")
+    assert node0_done < PEER_TIMEOUT_S + 20, node0_done  # the ranks within the bound, torchrun's teardown after
+    assert_bit_identical(
+        torch.load(run_dir / "checkpoints" / "step_0000016" / "model.pt", weights_only=True),
+        torch.load(four_ranks / "checkpoints" / "step_0000016" / "model.pt", weights_only=True),
+    )
