@@ -97,3 +97,17 @@ def test_a_negative_bound_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match=r"train.peer_timeout_s must be >= 0 \(0 = no heartbeat\), got -1"):
         run(micro_cfg(tmp_path / "run", "train.steps=1", "train.peer_timeout_s=-1"))
+
+
+def test_a_busy_main_thread_keeps_beating():
+    """A slow step (here pure Python holding the GIL between switches) is not a stall."""
+    store, reports = dist.HashStore(), []
+    beats = [Heartbeat(store, r, 2, timeout_s=0.5, on_lost=reports.append).start() for r in range(2)]
+    end = time.monotonic() + 1.5
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    for b in beats:
+        b.stop()
+    assert reports == []
+    assert all(int(store.get(f"beat/{r}")) < 0 for r in range(2))  # both left on purpose
