@@ -26,6 +26,7 @@ from train.core.config import Config, save_config
 from train.core.configbase import ConfigError, to_dict
 from train.core.distenv import DistEnv, dist_env_from
 from train.core.files import write_text_durable
+from train.core.heartbeat import Heartbeat, heartbeat
 from train.core.rng import capture_process, restore_process, seed_everything, stable_seed
 from train.core.rundir import CheckpointDir, RunDir
 from train.data import build_train_loader
@@ -58,7 +59,7 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but CUDA is not available on this machine")
-    device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    device = torch.device("cuda", env.device_index(torch.cuda.device_count()))
     torch.cuda.set_device(device)
     return device
 
@@ -106,6 +107,8 @@ class Trainer:
         if cfg.train.checkpoint_every < 1 or cfg.eval.every < 0:
             raise ConfigError("train.checkpoint_every must be >= 1 and eval.every >= 0")
         self.cfg, self.env, self.device, self.comm = cfg, env, device, comm
+        self.beat: Heartbeat | None = None
+        """Set by :func:`run`: told what this rank is doing, for a stalled peer's report."""
         if cfg.eval.benchmarks:
             from eval.api import check_benchmarks
 
@@ -177,6 +180,8 @@ class Trainer:
 
     def train_step(self, stop: StopFlag) -> None:
         """The loop body: batch -> engine step -> metrics -> maybe checkpoint/eval."""
+        if self.beat is not None:
+            self.beat.where = f"in step {self.step + 1}"
         batch, wait = self._next_batch()
         if self.step == 0:
             self.metrics.log_image("train/samples", batch_grid(batch.images, self.bundle.mean, self.bundle.std), 0)
@@ -216,6 +221,8 @@ class Trainer:
         """Checkpoint the current step (collective), unless it is already saved."""
         if self.saved_step == self.step:
             return
+        if self.beat is not None:
+            self.beat.where = f"checkpointing step {self.step}"
         self.metrics.flush()  # the non-finite check runs before a checkpoint can capture bad weights
         per_rank = self.comm.all_gather_object({"rng": capture_process(), "data": self.loader.state_dict()})
         extra = {
@@ -241,6 +248,8 @@ class Trainer:
             return
         from eval.api import evaluate
 
+        if self.beat is not None:
+            self.beat.where = f"evaluating at step {self.step}"
         figures: dict[str, Path] = {}
         with self.engine.full_model() as model, self.comm.agreement(f"evaluation at step {self.step}"):
             model.eval()
@@ -281,8 +290,12 @@ def run(cfg: Config, env: DistEnv | None = None) -> RunResult:
     """Train ``cfg`` in this process (one rank of ``env``; from the environment when None)."""
     env = env or dist_env_from(os.environ)
     device = resolve_device(cfg.train.device, env)
-    with process_group(env, device, cfg.train.dist_backend) as comm, StopFlag() as stop:
+    if cfg.train.peer_timeout_s < 0:
+        raise ConfigError(f"train.peer_timeout_s must be >= 0 (0 = no heartbeat), got {cfg.train.peer_timeout_s}")
+    with process_group(env, device, cfg.train.dist_backend) as comm, StopFlag() as stop, \
+            heartbeat(comm, cfg.train.peer_timeout_s) as beat:
         trainer = Trainer(cfg, env, device, comm)
+        trainer.beat = beat
         try:
             result = trainer.fit(stop)
         finally:

@@ -222,6 +222,11 @@ class TrainConfig:
     """A step whose loss or gradient is NaN/inf is skipped on the device (fused Adam/AdamW)
     and counted; the run stops after this many such steps in a row. Optimizers that cannot
     skip on the device (Adafactor, optim.fused=false) stop at the first one."""
+    peer_timeout_s: float = 240.0
+    """With several ranks: seconds without a heartbeat from a peer rank (a stopped or lost
+    process or node; a slow step still beats) after which every other rank prints one line
+    naming the silent ranks and exits 1, instead of waiting in its collective for good.
+    Reported at most a tenth later (beats every min(5 s, a tenth)). 0 = no heartbeat."""
 
 
 @dataclass

@@ -39,6 +39,13 @@ class DistEnv:
     def init_method(self) -> str:
         return f"tcp://{self.master_addr}:{self.master_port}"
 
+    def device_index(self, device_count: int) -> int:
+        """This rank's GPU among the ``device_count`` of its node: its local rank (wrapped,
+        so that several ranks may share GPUs in a rehearsal)."""
+        if device_count < 1:
+            raise ValueError(f"device_count must be >= 1, got {device_count}")
+        return self.local_rank % device_count
+
 
 def first_host(nodelist: str) -> str:
     """First host of a SLURM node list: ``gpu[03-05,7],cpu1`` -> ``gpu03``."""

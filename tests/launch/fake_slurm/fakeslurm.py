@@ -5,9 +5,14 @@ Enough of SLURM for submitit's real SlurmExecutor code path to run end to end:
 - ``sbatch SCRIPT`` prints ``Submitted batch job ID`` and starts the script in the
   background (submitit writes the job's pickle only after sbatch returns), once per
   array index, with SLURM_JOB_ID/NTASKS/... set from the ``#SBATCH`` lines; all
-  nodes are this machine (``SLURM_JOB_NODELIST=localhost``).
+  nodes are this machine under names that resolve here (:data:`NODE_NAMES`:
+  ``SLURM_JOB_NODELIST=localhost`` for one node, ``localhost,127.0.0.1`` for two).
 - ``srun [--output F --error F ...] CMD`` starts nodes x ntasks-per-node copies of
   CMD with SLURM_PROCID/LOCALID/NODEID, output into the %j/%t/%A/%a-expanded files.
+  Each node's tasks form a process group of their own, with that node's
+  SLURMD_NODENAME, as on separate machines: ``<id>.node<N>.pgid`` names it, so a test
+  can stop or kill one node (``os.killpg``).
+- ``scontrol show hostnames [LIST]`` prints the names of a node list (default: the job's).
 - ``scontrol requeue ID`` kills the job's tasks and runs its batch script again
   (state REQUEUED in between), as SLURM does.
 - ``scancel [--signal SIG] ID`` signals the job's tasks (no signal: cancel).
@@ -31,6 +36,8 @@ import time
 from pathlib import Path
 
 MAX_RUNS = 10  # a requeue loop in a broken test must end
+NODE_NAMES = ("localhost", "127.0.0.1")
+"""Node names of a job, in order: distinct names that resolve to this machine."""
 
 
 def state_dir() -> Path:
@@ -94,13 +101,16 @@ def _run(args: list[str]) -> int:
     opts = sbatch_options(script)
     nodes = int(opts.get("nodes", "1"))
     per_node = int(opts.get("ntasks-per-node", "1"))
+    if nodes > len(NODE_NAMES):
+        sys.exit(f"fake slurm: at most {len(NODE_NAMES)} nodes, got --nodes={nodes}")
+    nodelist = ",".join(NODE_NAMES[:nodes])
     env = dict(os.environ)
     base, _, index = member.partition("_")
     env.update(
         SLURM_JOB_ID=str(int(base) * 100 + int(index or 0)) if index else base,
         SLURM_JOB_NUM_NODES=str(nodes), SLURM_NNODES=str(nodes),
         SLURM_NTASKS_PER_NODE=str(per_node), SLURM_NTASKS=str(nodes * per_node),
-        SLURM_JOB_NODELIST="localhost", SLURM_NODELIST="localhost",
+        SLURM_JOB_NODELIST=nodelist, SLURM_NODELIST=nodelist,
         SLURM_SUBMIT_DIR=os.getcwd(), FAKE_SLURM_MEMBER=member,
     )
     if index:
@@ -149,17 +159,25 @@ def srun(args: list[str]) -> int:
     command = args[i:]
     ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
     per_node = int(os.environ.get("SLURM_NTASKS_PER_NODE", str(ntasks)))
-    procs = []
+    names = _hostnames(os.environ.get("SLURM_JOB_NODELIST", "localhost"))
+    member = os.environ.get("FAKE_SLURM_MEMBER", os.environ.get("SLURM_JOB_ID", "0"))
+    procs: list[subprocess.Popen] = []
+    group = 0
     for t in range(ntasks):
-        env = dict(os.environ, SLURM_PROCID=str(t), SLURM_LOCALID=str(t % per_node),
-                   SLURM_NODEID=str(t // per_node), SLURM_STEP_ID="0")
+        node, local = divmod(t, per_node)
+        env = dict(os.environ, SLURM_PROCID=str(t), SLURM_LOCALID=str(local), SLURM_NODEID=str(node),
+                   SLURM_STEP_ID="0", SLURMD_NODENAME=names[node % len(names)])
         for pattern in (out, err):
             if pattern:  # SLURM needs the folder to exist; submitit creates it after sbatch returns
                 Path(_expand(pattern, t)).parent.mkdir(parents=True, exist_ok=True)
         stdout = open(_expand(out, t), "a") if out else None
         stderr = open(_expand(err, t), "a") if err else None
-        procs.append(subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr))
-    member = os.environ.get("FAKE_SLURM_MEMBER", os.environ.get("SLURM_JOB_ID", "0"))
+        # The first task of a node leads its node's process group; the others join it.
+        procs.append(subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr,
+                                      process_group=0 if local == 0 else group))
+        if local == 0:
+            group = procs[-1].pid
+            _write(sd / f"{member}.node{node}.pgid", str(group))
     _write(sd / f"{member}.pids", "\n".join(str(p.pid) for p in procs))
     codes = [p.wait() for p in procs]
     return max((abs(c) for c in codes), default=0)
@@ -216,9 +234,20 @@ def scancel(args: list[str]) -> int:
     return 0
 
 
+def _hostnames(nodelist: str) -> list[str]:
+    # Our node names are plain (no ``prefix[1-3]`` ranges), so a comma split is the whole syntax.
+    return [n for n in nodelist.split(",") if n]
+
+
 def scontrol(args: list[str]) -> int:
+    if args[:2] == ["show", "hostnames"] and len(args) <= 3:
+        nodelist = args[2] if len(args) == 3 else os.environ.get("SLURM_JOB_NODELIST", "")
+        if not nodelist:
+            sys.exit("fake scontrol: show hostnames needs a node list (or SLURM_JOB_NODELIST)")
+        print("\n".join(_hostnames(nodelist)))
+        return 0
     if len(args) != 2 or args[0] != "requeue":
-        sys.exit(f"fake scontrol: only 'requeue ID' is supported, got {args}")
+        sys.exit(f"fake scontrol: only 'requeue ID' and 'show hostnames [LIST]' are supported, got {args}")
     sd = state_dir()
     members = _members(sd, args[1])
     if not members:
@@ -245,7 +274,7 @@ def wait_state(sd: Path, member: str, states: set[str], timeout: float) -> str:
 
 def kill_all(sd: Path) -> None:
     """Kill every runner started under ``sd`` and its tasks (test teardown)."""
-    for runner in sd.glob("*.runner"):
+    for runner in [*sd.glob("*.runner"), *sd.glob("*.node*.pgid")]:  # node groups are groups of their own
         try:
             os.killpg(int(runner.read_text()), signal.SIGKILL)
         except (ProcessLookupError, ValueError, PermissionError):
