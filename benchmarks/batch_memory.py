@@ -25,6 +25,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from typing import Callable
 
 import torch
 
@@ -75,22 +77,43 @@ def measure(model: str, batch: int, micro: int, steps: int, warmup: int, device:
     return row
 
 
-def measure_in_child(args: argparse.Namespace, batch: int, timeout: float) -> dict:
-    """:func:`measure` for one size in a fresh process (see the module docstring)."""
+def planned(model: str, batch: int, micro: int, device: torch.device) -> dict:
+    """What ``python -m train plan`` predicts for this size (the planner counts the same step).
+
+    On CUDA the device peak is the comparable figure (the batch waits on the host); on CPU the
+    process also holds the batch, so the plan's device peak plus one batch.
+    """
+    from train.loop.plan import plan_step
+
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    plan = plan_step(make_config(model, batch, None, 0, precision, accum_steps=batch // micro), 1, device)
+    gib = (plan.device_peak + (plan.batch_bytes if device.type == "cpu" else 0)) / 2**30
+    return {"planned_gib": gib, "planned_how": "extrapolated" if plan.extrapolated_from else "counted"}
+
+
+def measure_in_child(args: argparse.Namespace, batch: int, timeout: float,
+                     meanwhile: Callable[[], dict] | None = None) -> dict:
+    """:func:`measure` for one size in a fresh process (see the module docstring); ``meanwhile``
+    runs here while the child measures (the planner: CPU work beside the GPU's)."""
     cmd = [sys.executable, "-m", "benchmarks.batch_memory", "--one", str(batch), "--model", args.model,
            "--micro", str(args.micro), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device, "--batch-on", args.batch_on]
     base = {"model": args.model, "effective_batch": batch, "micro_batch": min(args.micro, batch)}
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    extra = meanwhile() if meanwhile is not None else {}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+        out, err = proc.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
     except subprocess.TimeoutExpired:
-        return {**base, "status": f"timed out after {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        proc.kill()
+        proc.communicate()
+        return {**base, "status": f"timed out after {timeout:.0f} s", **extra}
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         why = "killed (out of host memory?)" if proc.returncode in (-9, 137) else f"exit {proc.returncode}"
-        tail = (proc.stderr.strip().splitlines() or [""])[-1][:300]
-        return {**base, "status": why, "error": tail}
-    return json.loads(lines[-1])
+        tail = (err.strip().splitlines() or [""])[-1][:300]
+        return {**base, "status": why, "error": tail, **extra}
+    return {**json.loads(lines[-1]), **extra}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-on", default="host", choices=["host", "device"],
                    help="where the effective batch waits before the step (default: host, as from the loader)")
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per size")
+    p.add_argument("--plan", action="store_true", help="the memory planner's prediction beside each size")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child: measure one size, print its row
     p.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "batch_memory.json"))
     a = p.parse_args(argv)
@@ -117,9 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(a.model, a.one, min(a.micro, a.one), a.steps, a.warmup, device, a.batch_on)))
         return 0
     report = Report(a.out, "batch_memory", device=str(device), target_gib=GIB_TARGET,
-                    memory="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM), one process per size")
+                    memory="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM), one process per size",
+                    planned="python -m train plan's device peak (+ the batch on CPU), counted in this process" if a.plan
+                    else None)
     for n in a.batches:
-        report.add(measure_in_child(a, n, a.timeout))
+        plan = (lambda n=n: planned(a.model, n, min(a.micro, n), device)) if a.plan else None
+        row = measure_in_child(a, n, a.timeout, plan)
+        if a.plan and row.get("peak_mem_gib") and row.get("planned_gib"):
+            row["measured_vs_planned"] = row["peak_mem_gib"] / row["planned_gib"]
+        report.add(row)
     report.finish()
     return 0
 

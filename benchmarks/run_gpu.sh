@@ -78,7 +78,7 @@ if [ $SMOKE = 1 ]; then
   RUNS=(--smoke --precision fp32 --workers 1 --timeout 300)
   THROUGHPUT=(--models orbit-micro --openclip orbit-micro --batch-size 16 --steps 3 --warmup 1 --workers 1
               --shard-image-size 32 --breakdown --device cpu)
-  MEMORY=(--model orbit-micro --micro 16 --batches 16 64 --steps 1 --warmup 1 --device cpu)
+  MEMORY=(--model orbit-micro --micro 16 --batches 16 64 --steps 1 --warmup 1 --device cpu --plan)
   RECIPE=(eurosat_scratch_gpu train.steps=2 train.device=cpu train.precision=fp32 model.name=orbit-micro
           data.batch_size=16 data.workers=1 data.shuffle_buffer=16 eval.every=0 train.log_every=1)
   DATA=(--source synthetic --count 64 --image-size 32 --batch-size 16 --batches 2 --warmup 1 --workers 1 --repeats 1)
@@ -87,7 +87,7 @@ else
   RUNS=(--steps 40 --batch 256 --workers 12 --timeout 150)
   THROUGHPUT=(--models ViT-B-32 --openclip ViT-B-32 --batch-size 256 --steps 30 --warmup 5 --workers 12
               --breakdown --measure-peak)
-  MEMORY=(--model ViT-B-32 --micro 512 --batches 1024 4096 16384 65536 --timeout 60)
+  MEMORY=(--model ViT-B-32 --micro 512 --batches 1024 4096 16384 65536 --timeout 60 --plan)
   RECIPE=(eurosat_scratch_gpu train.steps=600 eval.every=0)
   DATA=(--source synthetic --count 2000 --workers 1 2 --repeats 1)
 fi

@@ -208,10 +208,12 @@ def test_a_report_killed_midway_keeps_its_finished_rows(tmp_path):
 def test_batch_memory_rows_per_size(tmp_path):
     out = tmp_path / "mem.json"
     batch_memory.main(["--model", "orbit-micro", "--micro", "16", "--batches", "16", "64", "--device", "cpu",
-                       "--out", str(out)])
+                       "--plan", "--out", str(out)])
     rows = load(out)["rows"]
     assert [(r["effective_batch"], r["accum_steps"], r["status"]) for r in rows] == [(16, 1, "ok"), (64, 4, "ok")]
     assert all(r["peak_mem_gib"] > 0 and r["step_s"] > 0 for r in rows)
+    # The planner's prediction beside each size (on CPU the process also holds torch itself).
+    assert all(r["planned_gib"] > 0 and r["planned_how"] == "counted" and r["measured_vs_planned"] > 0 for r in rows)
 
 
 def test_loss_memory_rows_per_loss_and_implementation(tmp_path, monkeypatch):

@@ -287,10 +287,22 @@ def _with_accum(cfg: Config, k: int, micro: int) -> Config:
                                data=dataclasses.replace(cfg.data, batch_size=micro * k))
 
 
+_counted: dict[tuple[str, int, str], MemoryPlan] = {}
+"""Counted steps of this process, by config (the run folder aside), world and device: a sweep
+or :func:`largest_batch` extrapolating from the same two steps counts them once."""
+
+
 def _count(cfg: Config, world: int, device: torch.device | None) -> MemoryPlan:
+    device = torch.device(device) if device is not None else plan_device(cfg)
+    key = (repr(dataclasses.replace(cfg, run=type(cfg.run)())), world, str(device))
+    if key not in _counted:
+        _counted[key] = _count_once(cfg, world, device)
+    return dataclasses.replace(_counted[key], notes=list(_counted[key].notes))
+
+
+def _count_once(cfg: Config, world: int, device: torch.device) -> MemoryPlan:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    device = torch.device(device) if device is not None else plan_device(cfg)
     cfg, notes = _countable(cfg)
     if cfg.train.device == "cuda" and device.type == "cpu":
         notes.append("counted on CPU (this torch has no CUDA): CUDA kernels (flash attention) may use less")
