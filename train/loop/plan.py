@@ -130,20 +130,6 @@ class PlanComm(Comm):
     def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach()[: t.shape[0] // self._world].clone()
 
-    def all_gather_with_grad(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self._world == 1 else _PlanGather.apply(t, self)
-
-
-class _PlanGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, comm: PlanComm) -> torch.Tensor:  # type: ignore[override]
-        ctx.comm = comm
-        return comm.all_gather(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return ctx.comm.reduce_scatter(grad.contiguous()), None
-
 
 @dataclass
 class MemoryPlan:

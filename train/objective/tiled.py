@@ -144,12 +144,8 @@ class _TiledSigLip(torch.autograd.Function):
                 (gb * k).to(bias.dtype).reshape(bias.shape), None, None)
 
 
-class TiledClipLoss(nn.Module):
-    """:class:`~train.objective.loss.ClipLoss`'s value and gradients in ``O(block^2)`` memory.
-
-    The logit bias, if any, cancels in both softmaxes (its gradient is exactly 0); it is
-    added to the graph with a zero weight so DDP sees every parameter used.
-    """
+class _Tiled(nn.Module):
+    """What both tiled losses hold: the block size and how features are gathered across ranks."""
 
     def __init__(self, block_size: int = 4096, gather_fn: GatherFn | None = None) -> None:
         super().__init__()
@@ -157,6 +153,14 @@ class TiledClipLoss(nn.Module):
             raise ValueError(f"loss.block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.gather_fn = gather_fn or _gather.all_gather_with_grad
+
+
+class TiledClipLoss(_Tiled):
+    """:class:`~train.objective.loss.ClipLoss`'s value and gradients in ``O(block^2)`` memory.
+
+    The logit bias, if any, cancels in both softmaxes (its gradient is exactly 0); it is
+    added to the graph with a zero weight so DDP sees every parameter used.
+    """
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -171,15 +175,8 @@ class TiledClipLoss(nn.Module):
         return loss
 
 
-class TiledSigLipLoss(nn.Module):
+class TiledSigLipLoss(_Tiled):
     """:class:`~train.objective.loss.SigLipLoss`'s value and gradients in ``O(block^2)`` memory."""
-
-    def __init__(self, block_size: int = 4096, gather_fn: GatherFn | None = None) -> None:
-        super().__init__()
-        if block_size < 1:
-            raise ValueError(f"loss.block_size must be >= 1, got {block_size}")
-        self.block_size = block_size
-        self.gather_fn = gather_fn or _gather.all_gather_with_grad
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor | None = None) -> torch.Tensor:
