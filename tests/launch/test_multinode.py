@@ -20,6 +20,7 @@ import yaml
 
 from tests import REPO_ROOT as ROOT
 from tests.distutil import free_port
+from tests.launch.test_e2e import assert_bit_identical, final_params
 from tests.launch.test_launch import fake_slurm  # noqa: F401 (a fixture)
 
 STEPS = 32
@@ -85,16 +86,6 @@ def kill_sessions(procs: list[subprocess.Popen]) -> None:
             os.killpg(p.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-
-
-def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"parameters differ: {different[:5]}"
 
 
 def assert_written_once(run_dir: Path, logs: list[Path]) -> None:
