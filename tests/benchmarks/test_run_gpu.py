@@ -61,7 +61,7 @@ def test_cpu_smoke_runs_every_stage_and_leaves_one_json_each(tmp_path):
 @pytest.mark.slow
 def test_a_stage_killed_by_its_time_limit_keeps_the_other_stages(tmp_path):
     # Steps enough that no machine finishes the stage within its limit, whatever its speed.
-    proc = smoke(tmp_path, timeout=600, STAGES="train_resume data_throughput", LIMIT_train_resume="40",
+    proc = smoke(tmp_path, timeout=600, STAGES="train_resume data_throughput", LIMIT_train_resume="25",
                  ARGS_train_resume="--steps 1000000")
     assert proc.returncode != 0
     assert "train_resume FAILED (rc=124, time limit)" in proc.stdout

@@ -164,6 +164,7 @@ class _Poison:
                 self.calls += 1
                 if self.calls not in steps:
                     return step(batch)
+                batch.images = engine.forward.normalize(batch.images)  # uint8 has no NaN: as float
                 batch.images[0, 0, 0, 0] = float("nan")
                 before = {k: v.clone() for k, v in engine.model.state_dict().items()}
                 out = step(batch)

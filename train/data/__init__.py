@@ -55,4 +55,16 @@ def batches_held(data: DataConfig, cuda: bool) -> int:
     return data.workers * data.prefetch_factor + 1 + int(cuda and data.pin_memory)
 
 
-__all__ = ["Batch", "Tokenizer", "TrainLoader", "batches_held", "build_train_loader"]
+def working_bytes(data: DataConfig, image_size: int) -> tuple[int, str | None]:
+    """Host memory the loader keeps besides its batches, and what it leaves uncounted (or None):
+    the synthetic source caches its scenes; shard workers hold raw samples in their shuffle
+    buffers, whose size depends on the files."""
+    if data.source == "synthetic":
+        from train.data.synthetic_loader import cache_bytes
+
+        return cache_bytes(data, image_size), None
+    return 0, (f"not counted: each loader worker's shuffle buffer of {data.shuffle_buffer} raw (encoded) samples "
+               "and its decoded images in flight")
+
+
+__all__ = ["Batch", "Tokenizer", "TrainLoader", "batches_held", "build_train_loader", "working_bytes"]

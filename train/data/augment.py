@@ -10,8 +10,10 @@ resume and worker-count independence hold without touching torch's global RNG); 
 plan is known before decoding, so a JPEG can be decoded at a reduced DCT scale when the
 crop is much larger than the output (:meth:`TrainTransform.decode_size`); the crop is
 resized once, on uint8, in the channels-last layout torch's fast uint8 kernels want;
-flips/rot90 are uint8 tensor ops; and float conversion + normalization write straight
-into the caller's batch slot (:meth:`TrainTransform.normalize_into`).
+flips/rot90 are uint8 tensor ops. Training batches stay uint8 (a quarter of float32's
+host memory and host-to-device traffic): :class:`PixelNormalizer` converts and normalizes
+them on the compute device with the same operations as :func:`normalize_pixels`, so the
+towers see bitwise the values host normalization would give.
 """
 
 from __future__ import annotations
@@ -59,6 +61,40 @@ def build_eval_transform(image_size: int, mean: Sequence[float], std: Sequence[f
     )
 
 
+def normalize_pixels(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 pixels (``[3, H, W]`` or ``[N, 3, H, W]``) -> float32 in [0, 1], normalized.
+
+    The one definition of the arithmetic (same values and ops as ``v2.ToDtype(scale=True)`` +
+    ``v2.Normalize``): elementwise, so the result does not depend on the batch's shape or the
+    device's vector width. ``mean``/``std`` are ``[3, 1, 1]`` float32 on the image's device.
+    """
+    out = image.to(torch.float32) if out is None else out.copy_(image)
+    out.mul_(1.0 / 255)
+    out.sub_(mean)
+    return out.div_(std)
+
+
+class PixelNormalizer:
+    """Normalizes uint8 batches where they are (the compute device); float batches pass as they are.
+
+    Engines run it on every (micro-)batch after the host-to-device copy, so the host never holds
+    a float32 batch.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            return images
+        if images.device not in self._on:  # small constants, copied to a device once
+            self._on[images.device] = tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(images.device)
+                                            for v in (self.mean, self.std))
+        return normalize_pixels(images, *self._on[images.device])
+
+
 @dataclass(frozen=True)
 class AugmentPlan:
     """Every random choice for one sample, fixed before the image is decoded."""
@@ -97,11 +133,12 @@ def _crop_params(rng: random.Random, width: int, height: int, scale: Sequence[fl
 
 
 class TrainTransform:
-    """Seeded training augmentation: PIL image -> normalized float32 ``[3, S, S]``.
+    """Seeded training augmentation: PIL image -> uint8 ``[3, S, S]`` (:meth:`pixels`), or
+    normalized float32 (:meth:`seeded`, calling the object).
 
-    With ``aug=None`` (augmentation disabled) the output equals
+    With ``aug=None`` (augmentation disabled) the normalized output equals
     :func:`build_eval_transform`'s. Calling the object draws the seed from torch's
-    global RNG; :meth:`seeded` and the loader's batch path do not touch it.
+    global RNG; :meth:`seeded`, :meth:`pixels` and the loader's batch path do not touch it.
     """
 
     def __init__(self, aug: AugmentConfig | None, image_size: int, mean: Sequence[float],
@@ -170,14 +207,15 @@ class TrainTransform:
 
     def normalize_into(self, image: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Scale a uint8 image to [0, 1] and normalize it, written into ``out`` (float32)."""
-        out.copy_(image)
-        out.mul_(1.0 / 255)
-        out.sub_(self._mean)
-        return out.div_(self._std)
+        return normalize_pixels(image, self._mean, self._std, out)
+
+    def pixels(self, image, seed: int) -> torch.Tensor:
+        """The augmented uint8 image for ``seed`` (a pure function of both): what batches carry."""
+        return self.augment(image, self.plan(image.size, seed))
 
     def seeded(self, image, seed: int) -> torch.Tensor:
         """The augmented, normalized image for ``seed`` (a pure function of both)."""
-        x = self.augment(image, self.plan(image.size, seed))
+        x = self.pixels(image, seed)
         return self.normalize_into(x, torch.empty(x.shape, dtype=torch.float32))
 
     def __call__(self, image) -> torch.Tensor:
@@ -205,3 +243,12 @@ def apply_seeded(transform: Transform, image: object, seed: int) -> torch.Tensor
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return transform(image)
+
+
+def seeded_pixels(transform: Transform, image: object, seed: int) -> torch.Tensor:
+    """One sample as a training batch carries it: uint8 pixels from a :class:`TrainTransform`
+    (normalized later, on the device, by :class:`PixelNormalizer`), else the transform's own
+    (normalized float) output."""
+    if isinstance(transform, TrainTransform):
+        return transform.pixels(image, seed)
+    return apply_seeded(transform, image, seed)

@@ -18,7 +18,8 @@ class Batch:
     """One rank's batch for one optimizer step."""
 
     images: torch.Tensor
-    """float32 [B, 3, H, W], normalized."""
+    """uint8 [B, 3, H, W] pixels, as the loaders make them (the engines normalize them on the
+    device), or float32 already normalized (any other transform; tests)."""
     texts: torch.Tensor
     """long [B, context_length]."""
     keys: list[str]
@@ -26,8 +27,8 @@ class Batch:
 
     @classmethod
     def empty(cls, n: int, image_size: int, context_length: int) -> "Batch":
-        """An uninitialized batch of ``n`` samples in this layout (the memory planner counts it)."""
-        return cls(torch.empty(n, 3, image_size, image_size, dtype=torch.float32),
+        """An uninitialized batch of ``n`` samples in the loaders' layout (the memory planner counts it)."""
+        return cls(torch.empty(n, 3, image_size, image_size, dtype=torch.uint8),
                    torch.empty(n, context_length, dtype=torch.long), [str(i) for i in range(n)])
 
     def pin_memory(self) -> "Batch":

@@ -90,7 +90,10 @@ def decode_sample_into(
     sample_seed: int,
     out: torch.Tensor,
 ) -> str:
-    """Write the sample's augmented, normalized image into ``out``; return its chosen caption.
+    """Write the sample's augmented image into ``out``; return its chosen caption.
+
+    ``out`` is uint8 for a :class:`~train.data.augment.TrainTransform` (the pixels; engines
+    normalize on the device) and float32 for any other transform (its normalized output).
 
     With a :class:`~train.data.augment.TrainTransform` the augmentation is planned from the
     image header first, so a JPEG much larger than the crop's output is decoded at a
@@ -110,7 +113,7 @@ def decode_sample_into(
     reduced = transform.decode_size(plan)
     if reduced is not None and img.format == "JPEG":
         img.draft("RGB", reduced)
-    transform.normalize_into(transform.augment(load_rgb(img), plan), out)
+    out.copy_(transform.augment(load_rgb(img), plan))
     return caption
 
 
@@ -120,13 +123,14 @@ def decode_sample(
     caption_mode: Literal["random", "first"],
     sample_seed: int,
 ) -> tuple[torch.Tensor, str]:
-    """Image tensor and chosen caption of one raw sample, randomness drawn from ``sample_seed``.
+    """Image tensor (as :func:`decode_sample_into` writes it) and chosen caption of one raw
+    sample, randomness drawn from ``sample_seed``.
 
     Raises:
         BadSample: Missing/corrupt image or caption.
     """
     if isinstance(transform, TrainTransform):
-        out = torch.empty(3, transform.image_size, transform.image_size)
+        out = torch.empty(3, transform.image_size, transform.image_size, dtype=torch.uint8)
         return out, decode_sample_into(raw, transform, caption_mode, sample_seed, out)
     captions = sample_captions(raw)
     image = decode_image(raw)

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from train.data.augment import Transform, apply_seeded
+from train.data.augment import Transform, seeded_pixels
 from train.core.config import DataConfig
 from train.core.configbase import ConfigError
 from train.data.batch import Batch, Tokenizer, TrainLoader
@@ -28,6 +28,13 @@ def _render_scene():
     from shards.synthetic import render_scene
 
     return render_scene
+
+
+def cache_bytes(data: DataConfig, image_size: int) -> int:
+    """Pixel bytes the source keeps for its whole run: every scene at ``synthetic_image_size``
+    (RGB), and with augmentation off also its fixed uint8 input at ``image_size``."""
+    per_scene = 3 * data.synthetic_image_size ** 2 + (0 if data.augment.enabled else 3 * image_size ** 2)
+    return data.synthetic_samples * per_scene
 
 
 class SyntheticTrainLoader(TrainLoader):
@@ -71,19 +78,19 @@ class SyntheticTrainLoader(TrainLoader):
     def _scene(self, base: int) -> tuple[object, list[str], torch.Tensor | None]:
         if base not in self._scenes:
             s = self._render(base, seed=self.seed, size=self.render_size)
-            fixed = None if self.augment else apply_seeded(self.transform, s.image, 0)
+            fixed = None if self.augment else seeded_pixels(self.transform, s.image, 0)
             self._scenes[base] = (s.image, list(s.captions), fixed)
         return self._scenes[base]
 
     def sample(self, i: int) -> tuple[torch.Tensor, str]:
-        """Image tensor and caption of global sample ``i``."""
+        """Image tensor (uint8 pixels, see :func:`seeded_pixels`) and caption of global sample ``i``."""
         image, captions, fixed = self._scene(i % self.n)
         if self.caption_mode == "first":
             caption = captions[0]
         else:
             caption = captions[random.Random(stable_seed("synthetic-caption", self.seed, i)).randrange(len(captions))]
         if fixed is None:
-            fixed = apply_seeded(self.transform, image, stable_seed("synthetic-augment", self.seed, i))
+            fixed = seeded_pixels(self.transform, image, stable_seed("synthetic-augment", self.seed, i))
         return fixed, caption
 
     def _tokens_of(self, caption: str) -> torch.Tensor:
@@ -95,9 +102,13 @@ class SyntheticTrainLoader(TrainLoader):
         while True:
             first = self.step * self.global_batch + self.rank * self.batch_size
             idx = range(first, first + self.batch_size)
-            images, captions = zip(*(self.sample(i) for i in idx))
-            batch = Batch(
-                torch.stack(images), torch.stack([self._tokens_of(c) for c in captions]), [f"syn-{i}" for i in idx]
-            )
+            images, captions = None, []
+            for row, i in enumerate(idx):  # each sample written into its row: no second copy of the batch
+                x, caption = self.sample(i)
+                if images is None:
+                    images = torch.empty((self.batch_size, *x.shape), dtype=x.dtype)
+                images[row] = x
+                captions.append(caption)
+            batch = Batch(images, torch.stack([self._tokens_of(c) for c in captions]), [f"syn-{i}" for i in idx])
             self.step += 1
             yield batch

@@ -79,20 +79,27 @@ class EngineParts:
     """Samples per rank per optimizer step (``data.batch_size``)."""
     run_dir: Path
     deepspeed: DeepSpeedConfig
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """uint8 batch -> the towers' normalized input, on the device (``ForwardOptions.normalize``)."""
 
     @classmethod
     def from_config(cls, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None,
                     env: DistEnv, device: torch.device | str, comm: Comm | None = None) -> EngineParts:
         """Assemble the parts from a whole run config (the trainer, tests and benchmarks do).
 
-        ``comm`` defaults to the process's (:func:`train.core.collectives.current`).
+        ``comm`` defaults to the process's (:func:`train.core.collectives.current`). uint8 batches
+        are normalized with the model's own preprocessing mean and std (open_clip's config).
         """
+        from train.data.augment import PixelNormalizer
+        from train.model import pixel_stats
         from train.objective.loss import build_loss
 
+        stats = pixel_stats(model)
         return cls(
             model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=build_loss(cfg.loss), env=env,
             device=torch.device(device), comm=comm or collectives.current(), train=cfg.train, optim=cfg.optim,
             loss=cfg.loss, batch_size=cfg.data.batch_size, run_dir=cfg.run.dir, deepspeed=cfg.deepspeed,
+            normalize=PixelNormalizer(*stats) if stats is not None else None,
         )
 
 

@@ -71,6 +71,7 @@ class DDPEngine:
         self.forward = ForwardOptions(
             device=self.device, accum_steps=t.accum_steps, autocast=autocast_factory(t.precision, self.device),
             no_sync=no_sync, cache_module=self.model, unique_texts=t.unique_texts,
+            normalize=parts.normalize,
         )
 
     def step(self, batch: Any) -> dict[str, torch.Tensor]:

@@ -11,9 +11,13 @@ import torch
 
 
 def batch_grid(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], max_images: int = 64) -> np.ndarray:
-    """HWC uint8 grid of the first ``max_images`` normalized ``[B, 3, H, W]`` images, un-normalized."""
-    x = images[:max_images].detach().float().cpu()
-    x = x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    """HWC uint8 grid of the first ``max_images`` ``[B, 3, H, W]`` images: uint8 pixels as they
+    are, float ones un-normalized with ``mean`` and ``std``."""
+    x = images[:max_images].detach().cpu()
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    else:
+        x = x.float() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
     n, _, h, w = x.shape
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))

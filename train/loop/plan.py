@@ -43,7 +43,7 @@ from train.core.configbase import ConfigError
 from train.core.distenv import DistEnv
 from train.core.phases import listening
 from train.core.rng import capture_process, restore_process, seed_everything
-from train.data import batches_held
+from train.data import batches_held, working_bytes
 from train.data.batch import Batch
 from train.engines import EngineParts, build_engine
 from train.model import build_model
@@ -151,6 +151,8 @@ class MemoryPlan:
     """One batch as the loader hands it over (host memory)."""
     batches_held: int
     """Batches the loader holds at once (workers x prefetch + the one in use [+ a pinned copy])."""
+    loader_bytes: int = 0
+    """The loader's own working memory (the synthetic source's scene cache)."""
     ddp_buckets: int = 0
     """World > 1: DDP's gradient buckets (not countable over fake tensors; one copy of the trainable parameters)."""
     extrapolated_from: tuple[int, int] | None = None
@@ -168,8 +170,9 @@ class MemoryPlan:
 
     @property
     def host_peak(self) -> int:
-        """Host memory the loader's batches take (on CPU also the step's, see :attr:`total_cpu`)."""
-        return self.batch_bytes * self.batches_held
+        """Host memory of the loader: its batches and its cache (on CPU also the step's, see
+        :attr:`total_cpu`)."""
+        return self.batch_bytes * self.batches_held + self.loader_bytes
 
     @property
     def total_cpu(self) -> int:
@@ -189,7 +192,8 @@ class MemoryPlan:
             f"  device peak per rank {g(self.device_peak)}: parameters+buffers {g(self.state)}, after the step "
             f"(+ optimizer state) {g(self.after_step)}" + (f", DDP buckets {g(self.ddp_buckets)}" if self.ddp_buckets else ""),
             f"  peak by phase: {phases}",
-            f"  host: {self.batches_held} batch(es) of {g(self.batch_bytes)} held by the loader = {g(self.host_peak)}",
+            f"  host: {self.batches_held} uint8 batch(es) of {g(self.batch_bytes)} held by the loader"
+            + (f" + its cache {g(self.loader_bytes)}" if self.loader_bytes else "") + f" = {g(self.host_peak)}",
         ]
         if self.device == "cpu":
             out.append(f"  one memory on CPU: {g(self.total_cpu)} in all")
@@ -320,12 +324,15 @@ def _count_once(cfg: Config, world: int, device: torch.device) -> MemoryPlan:
     finally:
         restore_process(rng)
     trainable = sum(p.numel() * p.element_size() for p in bundle.model.parameters() if p.requires_grad)
+    loader_bytes, uncounted = working_bytes(cfg.data, size)
+    if uncounted:
+        notes.append(f"host: {uncounted}")
     return MemoryPlan(
         device=device.type, world=world, batch_per_rank=cfg.data.batch_size, accum_steps=cfg.train.accum_steps,
         state=state, step_peak=step_peak, after_step=after,
         phase_peaks={k: v - on_device for k, v in counter.phase_peak.items()},
         batch_bytes=batch_bytes, batches_held=batches_held(cfg.data, cuda=device.type == "cuda"),
-        ddp_buckets=trainable if world > 1 else 0, notes=notes)
+        loader_bytes=loader_bytes, ddp_buckets=trainable if world > 1 else 0, notes=notes)
 
 
 def _countable(cfg: Config) -> tuple[Config, list[str]]:

@@ -346,6 +346,17 @@ def _instantiate(src: _Source, overrides: Mapping[str, Any], allow_checkpoint_bi
     return _bundle(model, src, cfg)
 
 
+def pixel_stats(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (mean, std) a CLIP model's image tower expects its input normalized with (open_clip's
+    preprocessing config, which :func:`save_model_config` writes too), or None for a module that
+    is no open_clip CLIP (tests' toy modules)."""
+    try:
+        pp = open_clip.get_model_preprocess_cfg(model)
+        return tuple(pp["mean"]), tuple(pp["std"])
+    except (AttributeError, KeyError):
+        return None
+
+
 def _bundle(model: torch.nn.Module, src: _Source, cfg: dict[str, Any]) -> ClipBundle:
     pp = open_clip.get_model_preprocess_cfg(model)
     size = pp["size"]
@@ -358,8 +369,9 @@ def _bundle(model: torch.nn.Module, src: _Source, cfg: dict[str, Any]) -> ClipBu
     else:
         tokenizer = open_clip.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
     pp_cfg = PreprocessCfg(**{k: v for k, v in pp.items() if k in PreprocessCfg.__dataclass_fields__})
+    mean, std = pixel_stats(model)
     return ClipBundle(
-        model=model, tokenizer=tokenizer, image_size=int(size), mean=tuple(pp["mean"]), std=tuple(pp["std"]),
+        model=model, tokenizer=tokenizer, image_size=int(size), mean=mean, std=std,
         arch=src.arch, eval_transform=image_transform_v2(pp_cfg, is_train=False), model_cfg=cfg,
     )
 

@@ -75,12 +75,25 @@ class ForwardOptions:
     """Module for the feature cache's no-grad pass (the unwrapped model under DDP); None = the same."""
     input_dtype: torch.dtype | None = None
     """Cast images to this dtype on the device (DeepSpeed bf16 has no autocast)."""
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Turns uint8 pixels into the towers' normalized float input, on the device (the loaders'
+    batches are uint8; see ``train.data.augment.PixelNormalizer``); float inputs pass through it."""
     unique_texts: bool = False
     """Encode each distinct caption once (see :func:`encode`)."""
 
     def to_device(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs on :attr:`device` (pinned host tensors copy asynchronously)."""
-        images = images.to(self.device, dtype=self.input_dtype, non_blocking=True)
+        """Inputs on :attr:`device`, images normalized there (pinned host tensors copy asynchronously).
+
+        Raises:
+            ValueError: uint8 images without :attr:`normalize`.
+        """
+        images = images.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            if self.normalize is None:
+                raise ValueError("uint8 images need ForwardOptions.normalize (the model's mean and std)")
+            images = self.normalize(images)
+        if self.input_dtype is not None:
+            images = images.to(self.input_dtype)
         return images, texts.to(self.device, non_blocking=True)
 
 

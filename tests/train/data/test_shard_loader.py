@@ -142,7 +142,7 @@ def test_img2dataset_layout_reads_txt_captions(tmp_path):
     keys = [k for b in batches for k in b.keys]
     assert sorted(keys) == sorted([f"{j:09d}" for j in range(10)] + [f"{j:09d}" for j in range(100, 106)])
     for b in batches:
-        assert b.images.shape == (4, 3, 32, 32) and b.images.dtype == torch.float32
+        assert b.images.shape == (4, 3, 32, 32) and b.images.dtype == torch.uint8
         assert decode_texts(b.texts) == [f"photo {int(k)}" for k in b.keys]
 
 

@@ -32,7 +32,7 @@ def engine_and_batch(overrides: list[str]) -> tuple:
                                     comm=Comm(DistEnv(), "cpu"))
     size = bundle.image_size if isinstance(bundle.image_size, int) else bundle.image_size[0]
     batch = Batch.empty(cfg.data.batch_size, size, int(bundle.tokenizer(["x"]).shape[1]))
-    batch.images.normal_()
+    batch.images.random_(0, 256)
     batch.texts.random_(0, 100)
     return build_engine("ddp", parts), batch
 

@@ -43,10 +43,10 @@ def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.slow
 def test_compiled_towers_with_the_feature_cache_are_exact():
-    full, loss_full, _ = _first_step(1, compiled=True)
+    # One compiled run (accum 2: the cache's no-grad pass and its re-forward under the replayed
+    # RNG) against the eager full batch: patch dropout must draw the same masks in both
+    # passes and as eager code does, or the gradients differ by far more than rounding.
     cached, loss_cached, _ = _first_step(2, compiled=True)
     eager, loss_eager, _ = _first_step(1, compiled=False)
-    assert _rel(cached, full) < 1e-6  # measured 4e-8: the RNG replay holds under inductor
-    assert loss_cached == pytest.approx(loss_full, rel=1e-6)
-    assert _rel(full, eager) < 1e-5  # the same patch-dropout masks as eager code (measured 5e-7)
-    assert loss_full == pytest.approx(loss_eager, rel=1e-5)
+    assert _rel(cached, eager) < 1e-5  # measured 5e-7 (compiled full batch vs eager), 4e-8 (cache vs full)
+    assert loss_cached == pytest.approx(loss_eager, rel=1e-5)

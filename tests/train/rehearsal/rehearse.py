@@ -93,7 +93,7 @@ def ddp_step(mode: Any, accum: int) -> str:
     cfg = micro_config(accum, batch=8)
     bundle = build_model(cfg.model)
     texts = bundle.tokenizer([f"a photo of scene {i}" for i in range(8)])
-    images = torch.randn(8, 3, bundle.image_size, bundle.image_size)
+    images = torch.randint(0, 256, (8, 3, bundle.image_size, bundle.image_size), dtype=torch.uint8)
     with mode:
         model = fake_cuda_module(bundle.model, mode)
         optimizer = build_optimizer(model, cfg.optim)
@@ -103,8 +103,10 @@ def ddp_step(mode: Any, accum: int) -> str:
         tower_dtypes: list[torch.dtype] = []
         model.visual.register_forward_hook(lambda m, i, o: tower_dtypes.append(o.dtype))
         tower_inputs: set[tuple[int, str]] = set()
-        model.visual.register_forward_pre_hook(lambda m, i: tower_inputs.add((i[0].shape[0], str(i[0].device))))
-        # Host-resident (fake CPU) batches, as the loader hands them over: the engine moves them.
+        model.visual.register_forward_pre_hook(lambda m, i: tower_inputs.add((i[0].shape[0], str(i[0].device),
+                                                                               i[0].dtype)))
+        # Host-resident (fake CPU) uint8 batches, as the loader hands them over: the engine moves
+        # them and normalizes them on the device.
         batch = Batch(mode.from_tensor(images), mode.from_tensor(texts), [str(i) for i in range(8)])
         assert batch.images.device.type == "cpu"
         for _ in range(2):
@@ -115,12 +117,12 @@ def ddp_step(mode: Any, accum: int) -> str:
     assert set(tower_dtypes) == {torch.bfloat16}, f"image tower ran in {set(tower_dtypes)}, not bf16 autocast"
     assert len(tower_dtypes) == 2 * (2 * accum if accum > 1 else 1), tower_dtypes  # cache: no-grad + re-forward
     # One micro-batch at a time reaches the device (the whole batch never sits there as inputs).
-    assert tower_inputs == {(8 // accum, CUDA)}, tower_inputs
+    assert tower_inputs == {(8 // accum, CUDA, torch.float32)}, tower_inputs
     state = optimizer.state[model.logit_scale]
     assert state["exp_avg"].device == torch.device(CUDA) and state["exp_avg"].dtype == torch.float32
     assert all(p.grad is None for p in model.parameters())
-    return (f"2 steps, accum {accum}: outputs {sorted(out)} on {CUDA}, micro-batches of {8 // accum} moved from "
-            f"the host, towers bf16, fused AdamW found_inf on {CUDA}")
+    return (f"2 steps, accum {accum}: outputs {sorted(out)} on {CUDA}, uint8 micro-batches of {8 // accum} moved "
+            f"from the host and normalized there, towers bf16, fused AdamW found_inf on {CUDA}")
 
 
 def losses_world8(mode: Any) -> str:

@@ -295,7 +295,7 @@ class ShardStream(IterableDataset):
         size = self.transform.image_size
         shape = (self.spec.batch_size, 3, size, size)
         if get_worker_info() is None:
-            return torch.empty(shape)
-        proto = torch.empty(0)
+            return torch.empty(shape, dtype=torch.uint8)
+        proto = torch.empty(0, dtype=torch.uint8)
         storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
         return proto.new(storage).view(shape)

@@ -120,6 +120,7 @@ class DeepSpeedEngine:
         self.forward = ForwardOptions(
             device=self.device, accum_steps=t.accum_steps, backward=self._backward, no_sync=self._not_boundary,
             input_dtype=torch.bfloat16 if self.bf16 else None, unique_texts=t.unique_texts,
+            normalize=parts.normalize,
         )
 
     # -- one step ---------------------------------------------------------------------
