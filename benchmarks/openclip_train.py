@@ -54,7 +54,7 @@ def parse_log(text: str, batch_size: int, warmup_steps: int) -> dict:
 
 def run_openclip_train(shards: Path, model: str, batch_size: int, steps: int, warmup_steps: int,
                        precision: str, workers: int, device: str, log_every: int = 5,
-                       timeout: float = 1800) -> dict:
+                       timeout: float = 1800, nproc: int = 1) -> dict:
     """Train ``model`` for ``steps`` steps with open_clip_train; return its measured rate.
 
     Args:
@@ -67,13 +67,15 @@ def run_openclip_train(shards: Path, model: str, batch_size: int, steps: int, wa
         workers: DataLoader workers.
         device: ``cuda`` or ``cpu``.
         log_every: ``--log-every-n-steps`` (the rate's resolution).
+        nproc: processes (torchrun, ``--standalone``); the rate is then the global one.
 
     Raises:
         RuntimeError: the trainer failed or logged no usable interval.
     """
     pattern, available = shard_urls(shards)
-    if steps * batch_size > available:
-        raise ValueError(f"{steps} steps x {batch_size} need {steps * batch_size} samples, shards have {available}")
+    if steps * batch_size * nproc > available:
+        raise ValueError(f"{steps} steps x {batch_size} x {nproc} process(es) need {steps * batch_size * nproc} samples, "
+                         f"shards have {available}")
     with tempfile.TemporaryDirectory(prefix="openclip_ref_") as tmp:
         site = Path(tmp) / "site"
         site.mkdir()
@@ -81,9 +83,11 @@ def run_openclip_train(shards: Path, model: str, batch_size: int, steps: int, wa
         env = ref_env()
         env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
         env.setdefault("OMP_NUM_THREADS", "1")
+        launcher = [sys.executable] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
         cmd = [
-            sys.executable, "-m", "open_clip_train.main",
-            "--train-data", pattern, "--train-num-samples", str(steps * batch_size),
+            *launcher, "-m", "open_clip_train.main",
+            "--train-data", pattern, "--train-num-samples", str(steps * batch_size * nproc),
             "--dataset-type", "webdataset", "--batch-size", str(batch_size), "--precision", precision,
             "--workers", str(workers), "--model", model, "--epochs", "1", "--log-every-n-steps", str(log_every),
             "--device", device, "--report-to", "", "--save-frequency", "0", "--zeroshot-frequency", "0",
@@ -97,7 +101,7 @@ def run_openclip_train(shards: Path, model: str, batch_size: int, steps: int, wa
     if proc.returncode != 0:
         raise RuntimeError(f"open_clip_train failed (rc={proc.returncode}):\n{text[-4000:]}")
     try:
-        result = parse_log(text, batch_size, warmup_steps)
+        result = parse_log(text, batch_size * nproc, warmup_steps)
     except ValueError as e:
         raise RuntimeError(f"open_clip_train: {e}; log tail:\n{text[-3000:]}") from e
     return {**result, "wall_s_total": wall, "command": " ".join(cmd)}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -64,14 +65,14 @@ class Setup:
 
     def __init__(self, cfg: Any, device: torch.device, with_loader: bool) -> None:
         from train.data import build_train_loader
-        from train.core.distenv import DistEnv
+        from train.core.distenv import dist_env_from
         from train.engines import EngineParts, build_engine
         from train.model.factory import build_model
         from train.optim.optimizer import build_optimizer
         from train.optim.schedule import build_scheduler
 
         self.cfg, self.device = cfg, device
-        self.env = DistEnv()
+        self.env = dist_env_from(os.environ)  # one rank of a torchrun child, or alone
         torch.manual_seed(0)
         self.bundle = build_model(cfg.model)
         model = self.bundle.model.to(device)
@@ -209,7 +210,10 @@ def mfu_cols(flops: float, steps_per_s: float, args: argparse.Namespace) -> dict
 
 def bench_model(model: str, args: argparse.Namespace, shards: Path, device: torch.device, report: Report) -> None:
     """All requested modes for one model, each row added to ``report`` as it finishes."""
-    precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision(args.precision, device)
+    if args.repeats > 1 or args.nproc > 1:  # the side-by-side comparison: fresh processes, interleaved
+        compare_e2e(model, args, shards, device, precision, report)
+        return
     cfg = make_config(model, args.batch_size, shards, args.workers, precision)
     setup = Setup(cfg, device, with_loader="e2e" in args.modes or args.breakdown)
     engine, n = setup.engine, args.batch_size
@@ -253,7 +257,7 @@ def reference_rows(model: str, args: argparse.Namespace, shards: Path, device: t
     from benchmarks.openclip_train import run_openclip_train
 
     ref = run_openclip_train(shards, model, args.batch_size, args.warmup + args.steps, args.warmup,
-                             "amp_bf16" if device.type == "cuda" else "fp32", args.workers, device.type,
+                             THEIR_PRECISION[base["precision"]], args.workers, device.type,
                              log_every=args.log_every)
     theirs = ref["samples_per_s"]
     rows = [{**base, "mode": "open_clip_train e2e", "samples_per_s": theirs,
@@ -262,6 +266,95 @@ def reference_rows(model: str, args: argparse.Namespace, shards: Path, device: t
     if ours_e2e is not None:
         rows.append({**base, "mode": "ratio ours/open_clip (e2e)", "samples_per_s": ours_e2e / theirs})
     return rows
+
+
+THEIR_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}
+"""Our ``train.precision`` -> open_clip_train's ``--precision`` (both: autocast of the towers)."""
+
+
+def resolve_precision(choice: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA, fp32 on CPU (a benchmark must not depend on the CPU's bf16 support)."""
+    return choice if choice != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+
+
+def child_env(nproc: int) -> dict[str, str]:
+    """Environment of one side's process(es): this checkout importable, the cores split evenly."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    env.pop("RANK", None)
+    return env
+
+
+def run_ours_e2e(model: str, args: argparse.Namespace, shards: Path, precision: str) -> dict:
+    """Ours end to end in fresh process(es) (torchrun for ``--nproc`` > 1); rank 0's measurement."""
+    import json
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="ours_e2e_") as tmp:
+        out = Path(tmp) / "rate.json"
+        launcher = [sys.executable] if args.nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc)]
+        cmd = [*launcher, "-m", "benchmarks.train_throughput", "--child-e2e", str(out), "--models", model,
+               "--shards", str(shards), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--workers", str(args.workers), "--precision", precision,
+               "--device", "cpu" if args.device == "cpu" else args.device]
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(args.nproc), capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"ours failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def child_e2e(args: argparse.Namespace) -> int:
+    """``--child-e2e``: one rank's timed end-to-end steps; rank 0 writes the global rate."""
+    import json
+
+    from train.trainer import process_group
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    cfg = make_config(args.models[0], args.batch_size, Path(args.shards), args.workers, args.precision)
+    cfg.train.device = device.type
+    from train.core.distenv import dist_env_from
+
+    env = dist_env_from(os.environ)
+    with process_group(env, device):
+        setup = Setup(cfg, device, with_loader=True)
+        batches = iter(setup.loader)
+        secs = timed_steps(lambda: setup.engine.step(next(batches)), args.warmup, args.steps, device)
+        if env.rank == 0:
+            n = args.batch_size * env.world_size * args.steps
+            Path(args.child_e2e).write_text(json.dumps({
+                "samples_per_s": n / secs, "step_ms": secs / args.steps * 1e3, "peak_mem_gib": peak_gib(device),
+                "data_wait_ms": setup.loader.wait_seconds / (args.warmup + args.steps) * 1e3}))
+    return 0
+
+
+def compare_e2e(model: str, args: argparse.Namespace, shards: Path, device: torch.device, precision: str,
+                report: Report) -> None:
+    """Ours and open_clip_train end to end, ``--repeats`` interleaved runs each (fresh processes,
+    ``--nproc`` ranks), a row per run, then the medians and their ratio."""
+    from benchmarks.openclip_train import run_openclip_train
+
+    base = {"model": model, "batch": args.batch_size, "nproc": args.nproc, "precision": precision}
+    os.environ["OMP_NUM_THREADS"] = child_env(args.nproc)["OMP_NUM_THREADS"]  # theirs the same threads as ours
+    rates: dict[str, list[float]] = {"ours": [], "open_clip_train": []}
+    for r in range(args.repeats):
+        ours = run_ours_e2e(model, args, shards, precision)
+        rates["ours"].append(ours["samples_per_s"])
+        report.add({**base, "mode": "ours e2e", "repeat": r, **ours})
+        if model in args.openclip:
+            theirs = run_openclip_train(shards, model, args.batch_size, args.warmup + args.steps, args.warmup,
+                                        THEIR_PRECISION[precision], args.workers, device.type,
+                                        log_every=args.log_every, nproc=args.nproc)
+            rates["open_clip_train"].append(theirs["samples_per_s"])
+            report.add({**base, "mode": "open_clip_train e2e", "repeat": r, "samples_per_s": theirs["samples_per_s"]})
+    med = {k: statistics.median(v) for k, v in rates.items() if v}
+    for k, v in med.items():
+        report.add({**base, "mode": f"{k} e2e median", "samples_per_s": v,
+                    "range": f"{min(rates[k]):.1f}-{max(rates[k]):.1f}"})
+    if len(med) == 2:
+        report.add({**base, "mode": "ratio ours/open_clip (medians)", "samples_per_s": med["ours"] / med["open_clip_train"]})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,8 +376,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE, help="MFU denominator (FLOP/s)")
     p.add_argument("--measure-peak", action="store_true", help="also report MFU against a measured matmul peak")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="ours train.precision, theirs fp32/amp_bf16 (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="> 1: end to end only, ours and open_clip_train in fresh processes, interleaved; medians")
+    p.add_argument("--nproc", type=int, default=1, help="processes per side (torchrun; e2e comparison only)")
+    p.add_argument("--child-e2e", help=argparse.SUPPRESS)  # one side's run, started by --repeats/--nproc
     p.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "train_throughput.json"))
     a = p.parse_args(argv)
+    if a.child_e2e:
+        return child_e2e(a)
+    if a.repeats < 1 or a.nproc < 1:
+        p.error("--repeats and --nproc must be >= 1")
     device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
     if a.shards:
         shards = Path(a.shards)
@@ -297,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.measure_peak:
         a.measured_peak = measure_matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     report = Report(a.out, "train_throughput", shards=str(shards), device=str(device), steps=a.steps,
-                    warmup=a.warmup, workers=a.workers, peak_flops=a.peak_flops, measured_peak=a.measured_peak)
+                    warmup=a.warmup, workers=a.workers, repeats=a.repeats, nproc=a.nproc, peak_flops=a.peak_flops, measured_peak=a.measured_peak)
     try:
         for m in a.models:
             bench_model(m, a, shards, device, report)

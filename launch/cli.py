@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mem", help="memory per node, SLURM syntax (64G)")
     s.add_argument("--cpus-per-task", type=int)
     s.add_argument("--setup", action="append", default=[], help="shell line run before srun (repeatable)")
+    s.add_argument("--max-peer-requeues", type=int, default=None,
+                   help="requeues allowed after a rank or node is lost (resume from the last checkpoint; default 3)")
     s.add_argument("--dry-run", action="store_true", help="print the sbatch script and configs; submit nothing")
 
     lo = sub.add_parser("local", help="run on this machine: NPROC processes with torchrun's variables", epilog=EPILOG)
@@ -90,7 +92,7 @@ def cmd_slurm(args: argparse.Namespace, overrides: list[str]) -> int:
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time, partition=args.partition,
         account=args.account, qos=args.qos, constraint=args.constraint, mem=args.mem,
         cpus_per_task=args.cpus_per_task, exclude=args.exclude, setup=args.setup,
-        **_kw(args, signal_delay_s="signal_delay_s", max_timeouts="max_timeouts"),
+        **_kw(args, signal_delay_s="signal_delay_s", max_timeouts="max_timeouts", max_peer_requeues="max_peer_requeues"),
     )
     if args.dry_run:
         script = slurm.sbatch_text(runs, req)  # before printing anything: it validates the request

@@ -42,6 +42,9 @@ class SlurmRequest:
     """Seconds before the time limit at which USR1 asks the trainer to checkpoint."""
     max_timeouts: int = 20
     """How many times a run may be requeued after reaching its time limit."""
+    max_peer_requeues: int = 3
+    """How many times a run may be requeued after losing a rank or a node (resuming from its
+    last complete checkpoint); 0 = a lost peer ends the job."""
     setup: list[str] = field(default_factory=list)
     """Extra shell lines run before srun (``module load ...``)."""
 
@@ -71,6 +74,8 @@ def executor_parameters(req: SlurmRequest, job_name: str) -> dict[str, Any]:
     """SlurmExecutor parameters for a request (submitit's own names; None = SLURM default)."""
     if req.nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {req.nodes}")
+    if req.max_peer_requeues < 0:
+        raise ValueError(f"--max-peer-requeues must be >= 0, got {req.max_peer_requeues}")
     if req.gpus_per_node < 0:
         raise ValueError(f"--gpus-per-node must be >= 0, got {req.gpus_per_node}")
     minutes = parse_time_minutes(req.time)
@@ -138,10 +143,10 @@ def submit(runs: RunSet, req: SlurmRequest, target: str = DEFAULT_TARGET) -> lis
     # A submission from inside a job must not inherit that job's SLURM_*/RANK variables.
     with clean_env():
         if not runs.is_array:
-            jobs = [ex.submit(TrainTask(cfgs[0], target))]
+            jobs = [ex.submit(TrainTask(cfgs[0], target, peer_requeues=req.max_peer_requeues))]
         else:
             with ex.batch():
-                delayed = [ex.submit(TrainTask(c, target)) for c in cfgs]
+                delayed = [ex.submit(TrainTask(c, target, peer_requeues=req.max_peer_requeues)) for c in cfgs]
             jobs = list(delayed)
     for cfg, job in zip(cfgs, jobs):
         add_record(cfg.run.dir, job.job_id, "slurm", job.paths.folder)

@@ -18,6 +18,14 @@ preemption:
 A signal that arrives before the trainer has installed its handlers goes to
 submitit's handler directly: requeue at once, resume from the last periodic
 checkpoint (same final parameters, some steps redone).
+
+A lost peer (a rank's process killed, a node gone: :class:`PeerLostError` from a
+collective, or the heartbeat's report of a silent peer) takes the same road with no
+checkpoint of its own: rank 0 requeues the job through the same handler and the new
+attempt resumes from the last complete periodic checkpoint. ``peer_requeues`` bounds how
+often (a node that keeps failing must end the job). If rank 0's own node is the one lost,
+no rank is left to ask: that node hosts the batch script, and SLURM requeues a job whose
+node failed by itself (``--requeue``, which the launcher sets).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from typing import Any, Callable
 import submitit
 from submitit.core.job_environment import SignalHandler
 
-from train.api import Config, DistEnv, UserError, dist_env_from
+from train.api import Config, DistEnv, PeerLostError, UserError, dist_env_from, on_peer_lost
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +161,14 @@ class TrainTask:
         target: The trainer entry point ``module:function`` called as ``fn(cfg, env)``.
     """
 
-    def __init__(self, cfg: Config, target: str = DEFAULT_TARGET) -> None:
+    peer_requeues: int = 3
+    """Requeues left for lost peers (a class default: job pickles of older versions lack it)."""
+    _lost_peer: bool = False
+
+    def __init__(self, cfg: Config, target: str = DEFAULT_TARGET, peer_requeues: int = 3) -> None:
         self.cfg = cfg
         self.target = target
+        self.peer_requeues = peer_requeues
 
     def __call__(self) -> Any:
         """Run (or continue) training on this task; returns the trainer's RunResult."""
@@ -164,13 +177,19 @@ class TrainTask:
         if os.environ.get("SUBMITIT_EXECUTOR") in ("slurm", "local"):  # a job process of our own
             setup_logging(env)
         requeue = _submitit_requeue_handler()
+        if requeue is not None and env.is_main:
+            on_peer_lost(lambda report: self._requeue_for_lost_peer(requeue, report))
         try:
             result = resolve_target(self.target)(self.cfg, env)
         except Exception as e:
             if isinstance(e, _trainer_input_errors()):
                 first = (str(e).strip().splitlines() or [""])[0]
                 raise TrainerInputError(f"{type(e).__name__}: {first}") from e
+            if isinstance(e, PeerLostError) and requeue is not None and env.is_main:
+                self._requeue_for_lost_peer(requeue, str(e))  # exits when the requeue was asked for
             raise  # anything else is a bug: its traceback stays as it is
+        finally:
+            on_peer_lost(None)
         if getattr(result, "status", None) == "preempted" and requeue is not None:
             log.warning("run %s preempted at step %s: requeueing", self.cfg.run.name, getattr(result, "step", "?"))
             try:
@@ -181,10 +200,24 @@ class TrainTask:
                 log.warning("requeue request failed (%s); the job ends here", e)
         return result
 
+    def _requeue_for_lost_peer(self, requeue: Callable[[int, Any], None], report: str) -> None:
+        """Rank 0 after a lost peer: requeue the job (and exit) while requeues are left."""
+        if self.peer_requeues <= 0:
+            log.error("%s; no requeue left for lost peers (--max-peer-requeues): the job ends here", report)
+            return
+        log.warning("%s; requeueing the job, which resumes from its last complete checkpoint "
+                    "(%d requeue(s) for lost peers left after this one)", report, self.peer_requeues - 1)
+        self._lost_peer = True
+        try:
+            requeue(getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG), None)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            log.warning("requeue request failed (%s); the job ends here", e)
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """The resubmission submitit requeues: the same run, resuming from its latest checkpoint."""
         cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, resume="auto"))
-        return submitit.helpers.DelayedSubmission(type(self)(cfg, self.target))
+        left = self.peer_requeues - (1 if self._lost_peer else 0)
+        return submitit.helpers.DelayedSubmission(type(self)(cfg, self.target, peer_requeues=left))
 
     def __repr__(self) -> str:
         return f"TrainTask(run={self.cfg.run.dir}, target={self.target})"

@@ -13,11 +13,19 @@ from typing import TYPE_CHECKING, Any
 from train.core.config import Config, load_config
 from train.core.configbase import ConfigError, from_dict, read_yaml, to_dict
 from train.core.distenv import DistEnv, dist_env_from
-from train.core.errors import PeerError, UserError
+from train.core.errors import PeerError, PeerLostError, UserError
 from train.core.rundir import CheckpointDir, RunDir
 
 if TYPE_CHECKING:
     import torch
+
+
+def on_peer_lost(hook: Any) -> None:
+    """Call ``hook(report)`` before a rank whose heartbeat lost its peers exits (a launcher's
+    chance to requeue the job; see :mod:`train.core.heartbeat`); None removes it."""
+    from train.core.heartbeat import on_peer_lost as _on
+
+    _on(hook)
 
 
 def ensure_torchvision() -> bool:
@@ -50,7 +58,7 @@ def save_local_dir(bundle: Any, folder: str | Path) -> Path:
 
 
 __all__ = [
-    "CheckpointDir", "Config", "ConfigError", "DistEnv", "PeerError", "RunDir", "UserError", "dist_env_from",
+    "CheckpointDir", "Config", "ConfigError", "DistEnv", "PeerError", "PeerLostError", "RunDir", "UserError", "dist_env_from",
     "ensure_torchvision",
-    "from_dict", "load_config", "load_model", "make_comm", "read_yaml", "save_local_dir", "to_dict",
+    "from_dict", "load_config", "load_model", "make_comm", "on_peer_lost", "read_yaml", "save_local_dir", "to_dict",
 ]

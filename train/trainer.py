@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -21,10 +22,11 @@ import torch
 import torch.distributed as dist
 
 from train.core import collectives
-from train.core.collectives import Comm
+from train.core.collectives import Comm, is_peer_loss
 from train.core.config import Config, save_config
 from train.core.configbase import ConfigError, to_dict
 from train.core.distenv import DistEnv, dist_env_from
+from train.core.errors import PeerLostError
 from train.core.files import write_text_durable
 from train.core.heartbeat import Heartbeat, heartbeat
 from train.core.rng import capture_process, restore_process, seed_everything, stable_seed
@@ -78,6 +80,22 @@ def total_steps_for(cfg: Config, steps_per_epoch: int | None) -> int:
     return max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
 
 
+def attempt_store(env: DistEnv) -> dist.Store:
+    """The job's rendezvous store, under a prefix of this start of the ranks.
+
+    torchrun ``--max-restarts`` restarts the ranks against a store (its agent's, or rank 0's
+    on a static rendezvous) that may still hold the previous attempt's keys: the restarted
+    ranks would read the dead ranks' addresses and fail to connect. Each rank counts itself
+    in on the bare store, so the ``world_size`` ranks of the n-th start agree on prefix n
+    whatever each node's agent counted (an agent restarted for a membership change does
+    not count a restart, so ``TORCHELASTIC_RESTART_COUNT`` can differ between nodes).
+    """
+    url = f"{env.init_method}?rank={env.rank}&world_size={env.world_size}"
+    store, _, _ = next(dist.rendezvous(url, timeout=timedelta(minutes=30)))
+    joined = store.add("orbitclip/ranks_started", 1)
+    return dist.PrefixStore(f"orbitclip/start_{(joined - 1) // env.world_size}", store)
+
+
 @contextlib.contextmanager
 def process_group(env: DistEnv, device: torch.device, backend: str = "auto") -> Iterator[Comm]:
     """Init the process group (``auto``: nccl on CUDA, gloo on CPU) for world > 1; yields the
@@ -89,7 +107,7 @@ def process_group(env: DistEnv, device: torch.device, backend: str = "auto") -> 
     if owned:
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=env.init_method, rank=env.rank, world_size=env.world_size)
+        dist.init_process_group(backend, store=attempt_store(env), rank=env.rank, world_size=env.world_size)
     try:
         comm = Comm(env, device)
         collectives.install(comm)
@@ -298,6 +316,12 @@ def run(cfg: Config, env: DistEnv | None = None) -> RunResult:
         trainer.beat = beat
         try:
             result = trainer.fit(stop)
+        except Exception as e:
+            if env.distributed and is_peer_loss(e) and not isinstance(e, PeerLostError):
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise PeerLostError(f"rank {env.rank}: a peer rank was lost at step {trainer.step} ({first}); "
+                                    "the run can resume from its last complete checkpoint") from e
+            raise
         finally:
             trainer.close()
     log.info("%s at step %d: %s", result.status, result.step, result.run_dir)

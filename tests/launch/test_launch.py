@@ -19,6 +19,7 @@ import submitit
 import yaml
 
 from launch import cli
+from launch import slurm as slurm_mod
 from launch.jobs import add_record, read_records
 from launch.slurm import parse_time_minutes
 from launch.status import format_status, run_status
@@ -180,6 +181,80 @@ def test_checkpoint_resubmits_the_same_run_with_resume_auto(tmp_path):
     assert type(new) is TrainTask and new is not task and new.target == task.target
     assert new.cfg.train.resume == "auto" and task.cfg.train.resume is None
     assert new.cfg.run == cfg.run and new.cfg.optim == cfg.optim and new.cfg.model == cfg.model
+
+
+def test_a_lost_peer_requeues_while_requeues_are_left_and_each_requeue_counts(tmp_path):
+    import pickle
+
+    from train.api import PeerLostError
+
+    cfg = resolve_runs(str(write_config(tmp_path, train={"resume": None})), [], []).configs[0]
+    calls = []
+    task = TrainTask(cfg, target="tests.launch.test_launch:standin_run", peer_requeues=1)
+    task._requeue_for_lost_peer(lambda sig, frame: calls.append(task.checkpoint()), "rank 0: a peer rank was lost")
+    assert len(calls) == 1
+    again = calls[0].function
+    assert again.peer_requeues == 0 and again.cfg.train.resume == "auto"
+    again._requeue_for_lost_peer(lambda sig, frame: calls.append("requeued"), "rank 0: lost again")
+    assert len(calls) == 1  # none left: the job ends
+    # A preemption (no lost peer) keeps the count; a job pickle of an older version has the default.
+    assert TrainTask(cfg, peer_requeues=2).checkpoint().function.peer_requeues == 2
+    old = TrainTask(cfg)
+    del old.__dict__["peer_requeues"]
+    assert pickle.loads(pickle.dumps(old)).peer_requeues == 3
+    assert issubclass(PeerLostError, RuntimeError)
+
+
+def heartbeat_reporting_run(cfg, env):
+    """A stand-in trainer whose heartbeat reports a stalled peer (the hook only: no exit)."""
+    from train.core import heartbeat
+
+    for hook in list(heartbeat._ON_LOST):
+        hook("rank 0: peer ranks stalled or lost: rank 1 silent for 6.0 s")
+    return SimpleNamespace(status="finished", step=1)
+
+
+def test_a_heartbeat_report_on_rank_0_requeues_through_submitit_and_the_hook_is_removed_after(tmp_path, monkeypatch):
+    from launch import task as task_mod
+    from train.core import heartbeat
+
+    calls = []
+    monkeypatch.setattr(task_mod, "_submitit_requeue_handler", lambda: lambda sig, frame: calls.append(sig))
+    cfg = resolve_runs(str(write_config(tmp_path)), [], []).configs[0]
+    task = TrainTask(cfg, target="tests.launch.test_launch:heartbeat_reporting_run", peer_requeues=2)
+    assert task().status == "finished"
+    assert len(calls) == 1 and task._lost_peer
+    assert task.checkpoint().function.peer_requeues == 1
+    assert heartbeat._ON_LOST == []
+
+
+def test_max_peer_requeues_reaches_the_task_and_must_not_be_negative(tmp_path, capsys, monkeypatch):
+    cfg = write_config(tmp_path)
+    base = ["slurm", "--config", str(cfg), "--nodes", "1", "--gpus-per-node", "1", "--partition", "p", "--time", "10:00"]
+    code, out, err = run_cli([*base, "--max-peer-requeues", "-1", "--dry-run"], capsys)
+    assert code == 2 and "--max-peer-requeues" in err
+    seen: dict = {}
+    monkeypatch.setattr(slurm_mod, "make_executor", lambda runs, req, offline=False: _Recorder(seen))
+    code, out, err = run_cli([*base, "--max-peer-requeues", "5"], capsys)
+    assert code == 0, err
+    assert seen["task"].peer_requeues == 5
+
+
+class _Recorder:
+    """An executor stand-in that records the submitted task."""
+
+    def __init__(self, seen: dict) -> None:
+        self.seen = seen
+
+    def submit(self, task):
+        self.seen["task"] = task
+
+        class Job:
+            job_id = "1"
+
+            class paths:
+                folder = "/nowhere"
+        return Job()
 
 
 def test_port_for_job_is_stable_and_in_range():

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -56,9 +57,11 @@ def node_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_node(config: Path, node: int, endpoint: str, log: Path, nnodes: int = 2, nproc: int = 2) -> subprocess.Popen:
+def start_node(config: Path, node: int, endpoint: str, log: Path, nnodes: int = 2, nproc: int = 2,
+               restarts: int = 0) -> subprocess.Popen:
     """One node as a cluster script starts it: torchrun with the shared c10d endpoint."""
     cmd = [*TORCHRUN, "--nnodes", str(nnodes), "--nproc-per-node", str(nproc), "--node-rank", str(node),
+           "--max-restarts", str(restarts),
            "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "orbitclip-test",
            "-m", "train", "--config", str(config)]
     with open(log, "w") as out:
@@ -290,3 +293,81 @@ def test_a_stopped_node_is_survived_when_it_continues_and_named_when_it_does_not
         torch.load(run_dir / "checkpoints" / "step_0000016" / "model.pt", weights_only=True),
         torch.load(four_ranks / "checkpoints" / "step_0000016" / "model.pt", weights_only=True),
     )
+
+
+# ---------------------------------------------------------------- a lost node (SIGKILL), then resume
+
+def wait_for_manifest(run_dir: Path, step: int, alive: Callable[[], bool], deadline_s: float = DEADLINE_S) -> None:
+    """Until checkpoint ``step`` is complete (its manifest written last), while ``alive()``."""
+    path = run_dir / "checkpoints" / f"step_{step:07d}" / "MANIFEST.json"
+    end = time.monotonic() + deadline_s
+    while not path.exists():
+        assert alive(), f"the run ended before checkpoint {step}"
+        assert time.monotonic() < end, f"no {path} after {deadline_s} s"
+        time.sleep(0.02)
+
+
+def submit_two_nodes(config: Path, capsys, *extra: str) -> str:
+    from launch import cli
+
+    code = cli.main(["slurm", "--config", str(config), "--nodes", "2", "--gpus-per-node", "2", "--partition", "cpu",
+                     "--time", "1:00:00", *extra])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return re.search(r"submitted job (\d+)", out).group(1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("requeues", [3, 0])
+def test_a_killed_slurm_node_requeues_the_job_which_resumes_to_equal_weights(
+        tmp_path, capsys, fake_slurm, four_ranks, requeues):  # noqa: F811
+    from tests.launch.test_launch import fakeslurm
+
+    config = write_tiny(tmp_path, "lost")
+    job_id = submit_two_nodes(config, capsys, "--max-peer-requeues", str(requeues))
+    run_dir = tmp_path / "runs" / "lost"
+    state_file = fake_slurm / f"{job_id}.state"
+    wait_for_manifest(run_dir, 16, lambda: not state_file.exists() or state_file.read_text() in ("PENDING", "RUNNING"))
+    os.killpg(int((fake_slurm / f"{job_id}.node1.pgid").read_text()), signal.SIGKILL)  # node 1, all its ranks
+    state = fakeslurm.wait_state(fake_slurm, job_id, {"COMPLETED", "FAILED"}, DEADLINE_S)
+    logs = "\n".join(p.read_text() for p in sorted((run_dir / "slurm" / job_id).glob("*_log.err")))
+    runs = (fake_slurm / f"{job_id}.runs").read_text()
+    if requeues == 0:  # the mechanism off: the job fails, it is not started again
+        assert (state, runs) == ("FAILED", "1"), logs[-3000:]
+        assert "no requeue left for lost peers" in logs
+        return
+    assert (state, runs) == ("COMPLETED", "2"), logs[-3000:]
+    said = re.findall(r"\[rank 0\] WARNING launch.task: rank 0: a peer rank was lost at step (\d+) .*; requeueing the job",
+                      logs)
+    assert len(said) == 1 and 16 <= int(said[0]) <= STEPS, logs[-3000:]
+    assert re.search(r"resum\w* .*step[ _]0*(16|24)", logs), logs[-3000:]
+    assert_bit_identical(final_params(run_dir), final_params(four_ranks))
+
+
+@pytest.mark.slow
+def test_a_torchrun_node_whose_ranks_were_killed_restarts_and_resumes_to_equal_weights(tmp_path, four_ranks):
+    """Both ranks of node 1 SIGKILLed between checkpoints (its agent stays, as a node's job
+    step does): node 0's ranks name the loss and exit, both agents restart their ranks
+    (--max-restarts 1), and auto-resume continues from the last complete checkpoint to the
+    weights of the uninterrupted run."""
+    config = write_tiny(tmp_path, "restart")
+    run_dir = tmp_path / "runs" / "restart"
+    endpoint = f"127.0.0.1:{free_port()}"
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    procs = [start_node(config, 0, endpoint, logs[0], restarts=1)]
+    try:
+        wait_listening(endpoint, procs[0])
+        procs.append(start_node(config, 1, endpoint, logs[1], restarts=1))
+        wait_for_manifest(run_dir, 16, lambda: all(p.poll() is None for p in procs))
+        workers = [pid for pid in tree(procs[1].pid) if pid != procs[1].pid]
+        assert len(workers) == 2, workers
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        codes = wait_all(procs, logs)
+    finally:
+        kill_sessions(procs)
+    text = "\n".join(log.read_text() for log in logs)
+    assert codes == [0, 0], text[-4000:]
+    assert re.search(r"a peer rank was lost at step (1[6-9]|2\d|3[0-2])", text), text[-3000:]
+    assert re.search(r"resumed from \S*step_00000(16|24) at step (16|24)", text), text[-3000:]
+    assert_bit_identical(final_params(run_dir), final_params(four_ranks))

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from train.core.distenv import DistEnv
-from train.core.errors import PeerError
+from train.core.errors import PeerError, PeerLostError
 
 ReduceOp = Literal["sum", "mean", "max", "min"]
 _OPS = {"sum": "SUM", "mean": "SUM", "max": "MAX", "min": "MIN"}
@@ -41,6 +41,21 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     A no-op for a tensor already on the host.
     """
     return t.detach().to("cpu", non_blocking=False)
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+              "remote process exited", "NCCL communicator was aborted")
+"""How a lost peer shows in a backend's error text (gloo raises a plain ``RuntimeError``)."""
+
+
+def is_peer_loss(e: BaseException) -> bool:
+    """Whether ``e`` is a collective failing because another rank went away (not a bug here)."""
+    if isinstance(e, PeerLostError):
+        return True
+    if isinstance(e, PeerError):  # a peer *raised*: its message says why, it was not lost
+        return False
+    dist_error = getattr(dist, "DistError", ())
+    return isinstance(e, dist_error) or (isinstance(e, RuntimeError) and any(p in str(e) for p in _PEER_GONE))
 
 
 def comm_device_for(backend: str | None, compute: torch.device) -> torch.device:

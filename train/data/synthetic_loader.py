@@ -13,7 +13,9 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
+import numpy as np
 import torch
+from PIL import Image
 
 from train.data.augment import Transform, seeded_pixels
 from train.core.config import DataConfig
@@ -56,7 +58,12 @@ class SyntheticTrainLoader(TrainLoader):
         self.caption_mode = d.caption_sampling
         self.tokenizer, self.transform = tokenizer, transform
         self._render = _render_scene()
-        self._scenes: dict[int, tuple[object, list[str], torch.Tensor | None]] = {}
+        # The scene cache is two uint8 slabs (pages become resident as scenes are rendered) and
+        # interned caption tuples: a PIL image and list per scene cost 2-3x its pixels.
+        self._pixels: np.ndarray | None = None
+        self._fixed: torch.Tensor | None = None
+        self._captions: list[tuple[str, ...] | None] = [None] * self.n
+        self._interned: dict[str, str] = {}
         self._tokens: dict[str, torch.Tensor] = {}
         self.step = 0
 
@@ -75,23 +82,37 @@ class SyntheticTrainLoader(TrainLoader):
             raise ValueError(f"not a state of this synthetic source (n={self.n}, seed={self.seed}): {state}")
         self.step = int(state["step"])
 
-    def _scene(self, base: int) -> tuple[object, list[str], torch.Tensor | None]:
-        if base not in self._scenes:
+    def _scene(self, base: int) -> tuple[tuple[str, ...], object | None]:
+        """Scene ``base``'s captions, and its image when one is made: with augmentation off the
+        fixed input is cached instead (:meth:`sample` reads it from the slab)."""
+        image = None
+        if self._captions[base] is None:
             s = self._render(base, seed=self.seed, size=self.render_size)
-            fixed = None if self.augment else seeded_pixels(self.transform, s.image, 0)
-            self._scenes[base] = (s.image, list(s.captions), fixed)
-        return self._scenes[base]
+            if self._pixels is None:  # numpy: reading a scene back is no torch op (nor a tensor view)
+                self._pixels = np.empty((self.n, self.render_size, self.render_size, 3), dtype=np.uint8)
+            self._pixels[base] = np.asarray(s.image)
+            if not self.augment:
+                fixed = seeded_pixels(self.transform, s.image, 0)
+                if self._fixed is None:
+                    self._fixed = torch.empty((self.n, *fixed.shape), dtype=fixed.dtype)
+                self._fixed[base] = fixed
+            self._captions[base] = tuple(self._interned.setdefault(c, c) for c in s.captions)
+            image = s.image
+        elif self.augment:
+            image = Image.fromarray(self._pixels[base], "RGB")  # the rendered pixels, bit for bit
+        return self._captions[base], image
 
     def sample(self, i: int) -> tuple[torch.Tensor, str]:
         """Image tensor (uint8 pixels, see :func:`seeded_pixels`) and caption of global sample ``i``."""
-        image, captions, fixed = self._scene(i % self.n)
+        base = i % self.n
+        captions, image = self._scene(base)
         if self.caption_mode == "first":
             caption = captions[0]
         else:
             caption = captions[random.Random(stable_seed("synthetic-caption", self.seed, i)).randrange(len(captions))]
-        if fixed is None:
-            fixed = seeded_pixels(self.transform, image, stable_seed("synthetic-augment", self.seed, i))
-        return fixed, caption
+        if not self.augment:
+            return self._fixed[base], caption
+        return seeded_pixels(self.transform, image, stable_seed("synthetic-augment", self.seed, i)), caption
 
     def _tokens_of(self, caption: str) -> torch.Tensor:
         if caption not in self._tokens:

@@ -41,6 +41,23 @@ def grad_norm_(params: list[nn.Parameter], max_norm: float | None, device: torch
     return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
+def fixed_buckets(ddp: DistributedDataParallel) -> DistributedDataParallel:
+    """``ddp`` with its final bucket layout from the first step on.
+
+    DDP rebuilds its buckets once, after the first step, in the order gradients became ready;
+    a resumed run's first step would then reduce with the initial layout while the
+    uninterrupted run used the rebuilt one. Ring all-reduces (gloo, NCCL) add an element's
+    shards in an order that depends on its offset in the bucket, so beyond 2 ranks the
+    resumed weights would differ in the last bits. Laying the buckets out now, in parameter
+    order, leaves nothing to rebuild (no graph walk per step, unlike
+    ``find_unused_parameters=True``, which would also keep the layout).
+    """
+    reducer = ddp.reducer
+    reducer._push_all_rebuilt_params()
+    reducer._rebuild_buckets()
+    return ddp
+
+
 class DDPEngine:
     """One optimizer step per :meth:`step`; see the module docstring.
 
@@ -65,7 +82,7 @@ class DDPEngine:
                 raise RuntimeError(f"DDPEngine needs an initialized process group of {self.env.world_size} ranks")
             ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
                 if self.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(self.model, device_ids=ids)
+            wrapped = fixed_buckets(DistributedDataParallel(self.model, device_ids=ids))
             no_sync = wrapped.no_sync
         self._wrapped = wrapped
         self.forward = ForwardOptions(

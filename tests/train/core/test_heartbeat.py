@@ -11,7 +11,9 @@ import time
 import pytest
 import torch.distributed as dist
 
-from train.core.heartbeat import Heartbeat, beat_interval
+from train.core.collectives import is_peer_loss
+from train.core.errors import PeerError, PeerLostError
+from train.core.heartbeat import EXIT_CODE, Heartbeat, beat_interval
 
 
 class Clock:
@@ -111,3 +113,33 @@ def test_a_busy_main_thread_keeps_beating():
         b.stop()
     assert reports == []
     assert all(int(store.get(f"beat/{r}")) < 0 for r in range(2))  # both left on purpose
+
+
+def test_a_rank_that_lost_its_peers_runs_the_hooks_then_exits_with_the_peer_code(tmp_path):
+    """The launcher's hook (a requeue) runs before the exit, even when it ends by SystemExit."""
+    import subprocess
+    import sys
+
+    from tests import REPO_ROOT
+
+    out = tmp_path / "hook.txt"
+    code = (f"from train.core import heartbeat as h\n"
+            f"def hook(line):\n    open({str(out)!r}, 'w').write(line)\n    raise SystemExit(-1)\n"
+            f"h.on_peer_lost(hook)\nh._exit_with('rank 0: peer ranks stalled or lost')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_CODE, proc.stderr
+    assert out.read_text() == "rank 0: peer ranks stalled or lost"
+    assert "hook failed" not in proc.stderr and "peer ranks stalled or lost" in proc.stderr
+
+
+@pytest.mark.parametrize("error, lost", [
+    (RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:4992."), True),
+    (RuntimeError("Connection reset by peer"), True),
+    (dist.DistError("store timed out"), True),
+    (PeerLostError("rank 1: a peer rank was lost"), True),
+    (PeerError("rank 1 failed: ValueError: bad shard"), False),
+    (RuntimeError("CUDA out of memory"), False),
+    (ValueError("Connection closed by peer"), False),
+])
+def test_peer_loss_is_told_from_a_peer_error_and_from_a_bug(error, lost):
+    assert is_peer_loss(error) is lost

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from shards.synthetic import render_scene
 
 from train.core.config import AugmentConfig, Config, load_config
 from train.core.distenv import DistEnv
@@ -38,7 +39,7 @@ def test_device_normalization_is_bitwise_the_host_normalization():
     assert batch.images.dtype == torch.uint8
     on_device = PixelNormalizer(MEAN, STD)(batch.images)
     for row in range(16):
-        image = loader._scene(row)[0]
+        image = render_scene(row, seed=loader.seed, size=loader.render_size).image  # fresh, not the cache
         host = loader.transform.seeded(image, stable_seed("synthetic-augment", loader.seed, row))
         assert torch.equal(on_device[row], host), row
     floats = torch.randn(2, 3, 4, 4)
@@ -77,7 +78,7 @@ def test_the_loader_builds_one_uint8_batch_and_nothing_bigger():
     copies of it (formerly a list of float images plus their stack: 8x the uint8 batch)."""
     loader = synthetic(256)
     it = iter(loader)
-    next(it)  # scenes rendered and cached (PIL images, not torch memory)
+    next(it)  # scenes rendered and cached (a numpy slab, not torch memory)
     counter = LiveBytes()
     with counter:
         batch = next(it)
