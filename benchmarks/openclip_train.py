@@ -2,8 +2,9 @@
 
 It runs in :func:`benchmarks.openclip_ref.ref_env` (webdataset 0.2.86 + pandas) on the
 same shards, batch size and precision as ours. A ``sitecustomize.py`` in a temp folder
-first on PYTHONPATH makes torchvision importable next to a CPU torch and registers our
-``configs/models/*.json`` (orbit-tiny, ...) in that process. Throughput comes from its
+first on PYTHONPATH makes torchvision importable next to a CPU torch, registers our
+``configs/models/*.json`` (orbit-tiny, ...) in that process, and lets its DDP run on CPU
+(open_clip_train passes ``device_ids=[cpu]``, which DDP rejects). Throughput comes from its
 ``Train Epoch: ... Batch (t): AVG`` log lines, skipping the warm-up steps.
 """
 
@@ -26,6 +27,15 @@ import train.core.compat
 train.core.compat.ensure_torchvision()
 import open_clip
 open_clip.add_model_config({models!r})
+# open_clip_train hands DDP device_ids=[device] even on CPU, which DDP refuses: drop them there
+# (what a CPU user of several processes must patch; nothing else changes).
+import torch.nn.parallel as _par
+_ddp_init = _par.DistributedDataParallel.__init__
+def _cpu_ddp_init(self, module, device_ids=None, *args, **kwargs):
+    if device_ids and all(getattr(d, "type", d) == "cpu" for d in device_ids):
+        device_ids = None
+    _ddp_init(self, module, device_ids, *args, **kwargs)
+_par.DistributedDataParallel.__init__ = _cpu_ddp_init
 """
 _LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+.*?Batch \(t\): ([0-9.]+)")
 
@@ -92,7 +102,7 @@ def run_openclip_train(shards: Path, model: str, batch_size: int, steps: int, wa
             "--workers", str(workers), "--model", model, "--epochs", "1", "--log-every-n-steps", str(log_every),
             "--device", device, "--report-to", "", "--save-frequency", "0", "--zeroshot-frequency", "0",
             "--val-frequency", "0", "--warmup", "10", "--lr", "1e-4", "--seed", "0",
-            "--logs", str(Path(tmp) / "logs"), "--name", "ref",
+            "--name", "ref",  # logs in ./logs of cwd=tmp (torchrun would take "--logs" for its own --logs-specs)
         ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=timeout)

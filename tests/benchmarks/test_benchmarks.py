@@ -178,6 +178,24 @@ def test_train_throughput_all_modes_and_openclip_reference(tiny_shards, ref_stac
     assert rows["breakdown"]["forward_ms"] > 0 and rows["open_clip_train e2e"]["samples_per_s"] > 0
 
 
+def test_train_throughput_side_by_side_interleaves_fresh_processes_of_both_sides(tiny_shards, ref_stack, tmp_path):
+    """--repeats/--nproc: ours and open_clip_train alternate, each in fresh torchrun processes
+    at the same precision; a row per run, the medians and their ratio."""
+    out = tmp_path / "side.json"
+    train_throughput.main(["--models", "orbit-micro", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+                           "--workers", "0", "--shards", str(tiny_shards), "--openclip", "orbit-micro",
+                           "--log-every", "1", "--device", "cpu", "--precision", "bf16", "--repeats", "2",
+                           "--nproc", "2", "--out", str(out)])
+    rows = load(out)["rows"]
+    modes = [r["mode"] for r in rows]
+    assert modes == ["ours e2e", "open_clip_train e2e"] * 2 + [
+        "ours e2e median", "open_clip_train e2e median", "ratio ours/open_clip (medians)"]
+    assert all(r["nproc"] == 2 and r["precision"] == "bf16" and r["samples_per_s"] > 0 for r in rows)
+    ours = [r["samples_per_s"] for r in rows if r["mode"] == "ours e2e"]
+    assert rows[4]["samples_per_s"] == pytest.approx(sorted(ours)[0] + (sorted(ours)[1] - sorted(ours)[0]) / 2)
+    assert rows[-1]["samples_per_s"] == pytest.approx(rows[4]["samples_per_s"] / rows[5]["samples_per_s"])
+
+
 def test_the_breakdown_times_the_engines_own_step(tiny_shards, monkeypatch):
     """Not a copy of the step: every timed step is a call of ``engine.step`` (also with the
     feature cache, which a copy of the plain step could not time)."""

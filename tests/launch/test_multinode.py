@@ -6,6 +6,7 @@ with checkpoints and TensorBoard written once.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -39,8 +40,14 @@ DEADLINE_S = 180
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
-def write_tiny(tmp: Path, name: str, **train: object) -> Path:
+EVAL = {"at_end": True, "benchmarks": ["demo"], "batch_size": 64}
+"""Evaluation at the end (400 held-out synthetic scenes), shared by every rank."""
+
+
+def write_tiny(tmp: Path, name: str, evaluate: bool = False, **train: object) -> Path:
     data = {**TINY, "run": {"root": str(tmp / "runs"), "name": name}, "train": {**TINY["train"], **train}}
+    if evaluate:
+        data["eval"] = EVAL
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -84,7 +91,13 @@ def wait_all(procs: list[subprocess.Popen], logs: list[Path], deadline_s: float 
 
 
 def kill_sessions(procs: list[subprocess.Popen]) -> None:
+    """Kill every node: its process tree (torchrun's ranks run in sessions of their own), then its group."""
     for p in procs:
+        for pid in tree(p.pid) if p.poll() is None else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         try:
             os.killpg(p.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -107,7 +120,7 @@ def four_ranks(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("one-node")
     log = tmp / "node.log"
     cmd = [*TORCHRUN, "--nproc-per-node", "4", "--master-port", str(free_port()), "-m", "train",
-           "--config", str(write_tiny(tmp, "ref"))]
+           "--config", str(write_tiny(tmp, "ref", evaluate=True))]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=node_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -117,7 +130,7 @@ def four_ranks(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_two_torchrun_nodes_equal_one_node_of_four(tmp_path, four_ranks):
-    config = write_tiny(tmp_path, "two")
+    config = write_tiny(tmp_path, "two", evaluate=True)
     endpoint = f"127.0.0.1:{free_port()}"
     logs = [tmp_path / f"node{n}.log" for n in (0, 1)]
     procs = [start_node(config, n, endpoint, logs[n]) for n in (0, 1)]
@@ -131,6 +144,11 @@ def test_two_torchrun_nodes_equal_one_node_of_four(tmp_path, four_ranks):
     assert extra["world_size"] == 4
     assert_written_once(run_dir, logs)
     assert_bit_identical(final_params(run_dir), final_params(four_ranks))
+    # The evaluation at the end, shared by the four ranks of two nodes, gives the one node's
+    # results, written once (by rank 0).
+    results = [json.loads((d / "eval" / "step_0000032.json").read_text()) for d in (run_dir, four_ranks)]
+    assert results[0] == results[1] and results[0]["results"]["demo/acc1"] > 0, results
+    assert sorted(p.name for p in (run_dir / "eval").glob("*.json")) == ["step_0000032.json"]
 
 
 # ---------------------------------------------------------------- SLURM (fake sbatch/srun, two node groups)
@@ -140,7 +158,6 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 
 def recording_run(cfg, env):
     """The job's target: record what this task derived from SLURM, then train as ``launch`` does."""
-    import json
 
     from train.api import dist_env_from
     from train.trainer import run
@@ -163,7 +180,6 @@ def recording_run(cfg, env):
 
 @pytest.mark.slow
 def test_two_slurm_nodes_equal_one_node_of_four(tmp_path, capsys, fake_slurm, four_ranks):  # noqa: F811
-    import json
 
     from launch import cli
     from launch.task import port_for_job
