@@ -44,9 +44,11 @@ from train.core.phases import PHASES
 
 
 def make_config(model: str, batch_size: int, shards: Path | None, workers: int, precision: str,
-                accum_steps: int = 1, run_root: str | None = None) -> Any:
-    """A training config for the benchmark (shards source, plain AdamW, no eval/checkpoints)."""
+                accum_steps: int = 1, run_root: str | None = None, overrides: list[str] | None = None) -> Any:
+    """A training config for the benchmark (shards source, plain AdamW, no eval/checkpoints),
+    then ``overrides`` (dotted ``key=value``, as on the trainer's command line)."""
     from train.core.config import Config, ShardSourceConfig
+    from train.core.configbase import apply_overrides, from_dict, to_dict
 
     cfg = Config()
     cfg.model.name = model
@@ -57,7 +59,7 @@ def make_config(model: str, batch_size: int, shards: Path | None, workers: int, 
     cfg.train.steps, cfg.train.progress = 10**6, False
     cfg.optim.warmup_steps = 10
     cfg.run.root = run_root or tempfile.mkdtemp(prefix="bench_run_")
-    return cfg
+    return from_dict(Config, apply_overrides(to_dict(cfg), overrides)) if overrides else cfg
 
 
 class Setup:
@@ -299,7 +301,7 @@ def run_ours_e2e(model: str, args: argparse.Namespace, shards: Path, precision: 
         cmd = [*launcher, "-m", "benchmarks.train_throughput", "--child-e2e", str(out), "--models", model,
                "--shards", str(shards), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--workers", str(args.workers), "--precision", precision,
-               "--device", "cpu" if args.device == "cpu" else args.device]
+               "--device", "cpu" if args.device == "cpu" else args.device, *[x for o in args.ours for x in ("--ours", o)]]
         proc = subprocess.run(cmd, cwd=ROOT, env=child_env(args.nproc), capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"ours failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
@@ -313,7 +315,8 @@ def child_e2e(args: argparse.Namespace) -> int:
     from train.trainer import process_group
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    cfg = make_config(args.models[0], args.batch_size, Path(args.shards), args.workers, args.precision)
+    cfg = make_config(args.models[0], args.batch_size, Path(args.shards), args.workers, args.precision,
+                      overrides=args.ours)
     cfg.train.device = device.type
     from train.core.distenv import dist_env_from
 
@@ -336,7 +339,8 @@ def compare_e2e(model: str, args: argparse.Namespace, shards: Path, device: torc
     ``--nproc`` ranks), a row per run, then the medians and their ratio."""
     from benchmarks.openclip_train import run_openclip_train
 
-    base = {"model": model, "batch": args.batch_size, "nproc": args.nproc, "precision": precision}
+    base = {"model": model, "batch": args.batch_size, "nproc": args.nproc, "precision": precision,
+            **({"ours_overrides": " ".join(args.ours)} if args.ours else {})}
     os.environ["OMP_NUM_THREADS"] = child_env(args.nproc)["OMP_NUM_THREADS"]  # theirs the same threads as ours
     rates: dict[str, list[float]] = {"ours": [], "open_clip_train": []}
     for r in range(args.repeats):
@@ -381,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1,
                    help="> 1: end to end only, ours and open_clip_train in fresh processes, interleaved; medians")
     p.add_argument("--nproc", type=int, default=1, help="processes per side (torchrun; e2e comparison only)")
+    p.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for our side of the side-by-side runs (a lever's row, e.g. train.compile=true); repeatable")
     p.add_argument("--child-e2e", help=argparse.SUPPRESS)  # one side's run, started by --repeats/--nproc
     p.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "train_throughput.json"))
     a = p.parse_args(argv)
