@@ -196,6 +196,17 @@ def test_train_throughput_side_by_side_interleaves_fresh_processes_of_both_sides
     assert rows[-1]["samples_per_s"] == pytest.approx(rows[4]["samples_per_s"] / rows[5]["samples_per_s"])
 
 
+def test_a_lever_row_overrides_our_config_only_and_bad_keys_are_config_errors(tiny_shards):
+    from train.core.configbase import ConfigError
+
+    cfg = train_throughput.make_config("orbit-micro", 8, tiny_shards, 0, "fp32",
+                                       overrides=["train.compile=true", "train.unique_texts=true"])
+    assert cfg.train.compile and cfg.train.unique_texts and cfg.data.batch_size == 8
+    assert not train_throughput.make_config("orbit-micro", 8, tiny_shards, 0, "fp32").train.compile
+    with pytest.raises(ConfigError, match="nope"):
+        train_throughput.make_config("orbit-micro", 8, tiny_shards, 0, "fp32", overrides=["train.nope=1"])
+
+
 def test_the_breakdown_times_the_engines_own_step(tiny_shards, monkeypatch):
     """Not a copy of the step: every timed step is a call of ``engine.step`` (also with the
     feature cache, which a copy of the plain step could not time)."""
