@@ -274,6 +274,11 @@ THEIR_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}
 """Our ``train.precision`` -> open_clip_train's ``--precision`` (both: autocast of the towers)."""
 
 
+def resolve_device(choice: str) -> torch.device:
+    """``--device``: ``auto`` is CUDA where there is one."""
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def resolve_precision(choice: str, device: torch.device) -> str:
     """``auto``: bf16 on CUDA, fp32 on CPU (a benchmark must not depend on the CPU's bf16 support)."""
     return choice if choice != "auto" else ("bf16" if device.type == "cuda" else "fp32")
@@ -301,7 +306,7 @@ def run_ours_e2e(model: str, args: argparse.Namespace, shards: Path, precision: 
         cmd = [*launcher, "-m", "benchmarks.train_throughput", "--child-e2e", str(out), "--models", model,
                "--shards", str(shards), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--workers", str(args.workers), "--precision", precision,
-               "--device", "cpu" if args.device == "cpu" else args.device, *[x for o in args.ours for x in ("--ours", o)]]
+               "--device", args.device, *[x for o in args.ours for x in ("--ours", o)]]
         proc = subprocess.run(cmd, cwd=ROOT, env=child_env(args.nproc), capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"ours failed (rc={proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
@@ -312,14 +317,13 @@ def child_e2e(args: argparse.Namespace) -> int:
     """``--child-e2e``: one rank's timed end-to-end steps; rank 0 writes the global rate."""
     import json
 
+    from train.core.distenv import dist_env_from
     from train.trainer import process_group
 
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = resolve_device(args.device)
     cfg = make_config(args.models[0], args.batch_size, Path(args.shards), args.workers, args.precision,
                       overrides=args.ours)
     cfg.train.device = device.type
-    from train.core.distenv import dist_env_from
-
     env = dist_env_from(os.environ)
     with process_group(env, device):
         setup = Setup(cfg, device, with_loader=True)
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         return child_e2e(a)
     if a.repeats < 1 or a.nproc < 1:
         p.error("--repeats and --nproc must be >= 1")
-    device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = resolve_device(a.device)
     if a.shards:
         shards = Path(a.shards)
     else:

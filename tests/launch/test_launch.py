@@ -209,8 +209,7 @@ def heartbeat_reporting_run(cfg, env):
     """A stand-in trainer whose heartbeat reports a stalled peer (the hook only: no exit)."""
     from train.core import heartbeat
 
-    for hook in list(heartbeat._ON_LOST):
-        hook("rank 0: peer ranks stalled or lost: rank 1 silent for 6.0 s")
+    heartbeat._on_lost("rank 0: peer ranks stalled or lost: rank 1 silent for 6.0 s")
     return SimpleNamespace(status="finished", step=1)
 
 
@@ -225,7 +224,7 @@ def test_a_heartbeat_report_on_rank_0_requeues_through_submitit_and_the_hook_is_
     assert task().status == "finished"
     assert len(calls) == 1 and task._lost_peer
     assert task.checkpoint().function.peer_requeues == 1
-    assert heartbeat._ON_LOST == []
+    assert heartbeat._on_lost is None
 
 
 def test_max_peer_requeues_reaches_the_task_and_must_not_be_negative(tmp_path, capsys, monkeypatch):

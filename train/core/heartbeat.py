@@ -125,26 +125,25 @@ class Heartbeat:
                 return
 
 
-_ON_LOST: list[Callable[[str], None]] = []
+_on_lost: Callable[[str], None] | None = None
 
 
 def on_peer_lost(hook: Callable[[str], None] | None) -> None:
     """Run ``hook(report)`` (from the heartbeat thread) before a rank that lost its peers exits:
-    a launcher's chance to requeue the job. None removes the hooks."""
-    _ON_LOST.clear()
-    if hook is not None:
-        _ON_LOST.append(hook)
+    a launcher's chance to requeue the job. None removes it."""
+    global _on_lost
+    _on_lost = hook
 
 
 def _exit_with(line: str) -> None:
     """Report and end the process: the main thread may be blocked in a collective for good."""
     print(line, file=sys.stderr, flush=True)  # not through logging: a rank's handlers may drop or reformat it
-    for hook in list(_ON_LOST):
+    if _on_lost is not None:
         try:
-            hook(line)
+            _on_lost(line)
         except SystemExit:  # a requeue handler ends its work by exiting (here: the thread)
             pass
-        except BaseException as e:  # noqa: BLE001 (a hook's SystemExit or failure must not stop the exit)
+        except BaseException as e:  # noqa: BLE001 (a failing hook must not stop the exit)
             print(f"heartbeat: on-lost hook failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     with contextlib.suppress(Exception):
         sys.stdout.flush()
