@@ -217,6 +217,9 @@ def test_a_heartbeat_report_on_rank_0_requeues_through_submitit_and_the_hook_is_
     from launch import task as task_mod
     from train.core import heartbeat
 
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)  # the task exports them: restored after the test
+
     calls = []
     monkeypatch.setattr(task_mod, "_submitit_requeue_handler", lambda: lambda sig, frame: calls.append(sig))
     cfg = resolve_runs(str(write_config(tmp_path)), [], []).configs[0]
