@@ -22,7 +22,7 @@ import configs
 from train.core.collectives import PeerError
 from train.core.config import load_config
 from train.core.distenv import DistEnv, dist_env_from
-from train.core.errors import UserError
+from train.core.errors import UserError, say
 from train.loop.metrics import NonFiniteLossError
 
 log = logging.getLogger("train")
@@ -62,7 +62,7 @@ def train_main(argv: list[str]) -> int:
         cfg = load_config(configs.run_config(args.config), args.overrides)
         result = run(cfg, env)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")  # every rank says it: one write each, so their lines stay whole
         return 2
     except (NonFiniteLossError, PeerError) as e:
         log.error("%s", e)

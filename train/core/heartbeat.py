@@ -29,6 +29,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 from train.core.collectives import Comm
+from train.core.errors import say
 
 EXIT_CODE = 1
 """How a rank that gives up on its peers exits (a peer failure, as in :class:`PeerError`)."""
@@ -135,34 +136,16 @@ def on_peer_lost(hook: Callable[[str], None] | None) -> None:
     _on_lost = hook
 
 
-def _say(line: str) -> None:
-    """Write one line to stderr in one system call.
-
-    Not through logging (a rank's handlers may drop or reformat it) and not by ``print``, which
-    writes the text and its newline separately: the ranks of a node share one stderr, and two
-    ranks reporting at once then ran their lines together.
-    """
-    data = (line + "\n").encode()
-    try:
-        sys.stderr.flush()
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # a stderr without a descriptor (a test's capture)
-        sys.stderr.write(line + "\n")
-        return
-    while data:
-        data = data[os.write(fd, data):]
-
-
 def _exit_with(line: str) -> None:
     """Report and end the process: the main thread may be blocked in a collective for good."""
-    _say(line)
+    say(line)  # not through logging: a rank's handlers may drop or reformat it
     if _on_lost is not None:
         try:
             _on_lost(line)
         except SystemExit:  # a requeue handler ends its work by exiting (here: the thread)
             pass
         except BaseException as e:  # noqa: BLE001 (a failing hook must not stop the exit)
-            _say(f"heartbeat: on-lost hook failed: {type(e).__name__}: {e}")
+            say(f"heartbeat: on-lost hook failed: {type(e).__name__}: {e}")
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     os._exit(EXIT_CODE)

@@ -145,13 +145,15 @@ def test_peer_loss_is_told_from_a_peer_error_and_from_a_bug(error, lost):
     assert is_peer_loss(error) is lost
 
 
+
 def test_a_report_reaches_stderr_as_one_write(monkeypatch):
-    """The ranks of a node share stderr: a report written in two parts ran into another rank's."""
+    """The ranks of a node share stderr: a heartbeat report written in two parts (print) ran into
+    another rank's in CI."""
     import io
     import os
     import sys
 
-    from train.core import heartbeat as h
+    from train.core import errors
 
     class Stderr(io.StringIO):  # a stream with a descriptor: the parts it is handed are counted
         parts: list[str] = []
@@ -166,6 +168,6 @@ def test_a_report_reaches_stderr_as_one_write(monkeypatch):
     calls: list[tuple[int, bytes]] = []
     monkeypatch.setattr(sys, "stderr", Stderr())
     monkeypatch.setattr(os, "write", lambda fd, data: calls.append((fd, bytes(data))) or len(data))
-    h._say("rank 1: peer ranks stalled or lost: rank 2 silent for 6.0 s")
+    errors.say("rank 1: peer ranks stalled or lost: rank 2 silent for 6.0 s")
     assert calls == [(2, b"rank 1: peer ranks stalled or lost: rank 2 silent for 6.0 s\n")]
     assert Stderr.parts == []
