@@ -37,7 +37,7 @@ demo: $(STAMP)
 	@echo "Contact sheet: runs/demo-shards/grid.png   Confusion matrix: runs/demo/eval/final/"
 	@echo "TensorBoard:   $(VENV)/bin/tensorboard --logdir runs/demo/tb"
 
-# Re-run the CPU recipes (10 min each) and fail if a result drops > 2 points below
+# Re-run the CPU recipes (400,000 training samples each, ~12-16 min on 2 cores) and fail if a result drops > 2 points below
 # configs/recipes/results.json. Not part of `make test`.
 recipes-check: $(STAMP)
 	$(PY) -m benchmarks.recipes check

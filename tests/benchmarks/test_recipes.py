@@ -58,13 +58,15 @@ def test_recipe_runs_a_few_steps_on_cpu_at_tiny_size(name, tmp_path):
     assert (result.run_dir / "model.pt").is_file()
 
 
-def _record(acc: float, wall: float = 500.0) -> dict:
-    return {"metrics": {"eurosat/acc1": acc}, "train_wall_s": wall, "budget_s": 600, "target": 0.9,
+def _record(acc: float, samples: int = 384_000) -> dict:
+    return {"recipe": "eurosat_scratch_cpu", "metrics": {"eurosat/acc1": acc}, "train_wall_s": 600.0,
+            "train_samples": samples, "budget_samples": 400_000, "overrides": [], "target": 0.9,
             "command": "python -m train ...", "eval_wall_s": 12.0, "table": "| model | eurosat acc1 |\n|---|---:|\n| x | 91.00 |",
-            "machine": {"commit": "abc1234", "time": "2026-11-23T12:00:00", "cpu_count": 2, "torch": "2.13.0"}}
+            "machine": {"commit": "abc1234", "time": "2026-11-23T12:00:00", "cpu_count": 2, "torch": "2.13.0",
+                        "cpu": "Xeon (avx512_bf16)"}}
 
 
-def test_check_flags_a_drop_of_more_than_the_tolerance_and_an_overrun():
+def test_check_flags_a_drop_of_more_than_the_tolerance_and_samples_over_the_budget():
     old = _record(0.91)
     assert recipes.compare(_record(0.895), old, 2.0) == []  # 1.5 points: within tolerance
     assert recipes.compare(_record(0.925), old, 2.0) == []
@@ -73,15 +75,35 @@ def test_check_flags_a_drop_of_more_than_the_tolerance_and_an_overrun():
     missing = copy.deepcopy(_record(0.91))
     missing["metrics"] = {}
     assert recipes.compare(missing, old, 2.0)
-    assert any("budget" in p for p in recipes.compare(_record(0.91, wall=800.0), old, 2.0))
+    assert recipes.compare(_record(0.91, samples=400_000), old, 2.0) == []  # the budget itself is allowed
+    over = recipes.compare(_record(0.91, samples=400_256), old, 2.0)
+    assert over == ["trained on 400,256 samples, budget 400,000"]
 
 
-def test_results_markdown_states_target_machine_and_table():
-    md = recipes.results_markdown({"eurosat_scratch_cpu": _record(0.91), "other": _record(0.80)})
-    assert "## eurosat_scratch_cpu" in md and "commit `abc1234`" in md and "2 CPU cores" in md
+def test_the_budget_is_counted_from_the_config_steps_times_global_batch():
+    rec = recipes.RECIPES["eurosat_scratch_cpu"]
+    cfg = load_config(ROOT / rec.config)
+    assert recipes.train_samples(rec, []) == cfg.train.steps * cfg.data.batch_size * rec.nproc
+    assert recipes.train_samples(rec, ["train.steps=10", "data.batch_size=4"]) == 10 * 4 * rec.nproc
+    for name, r in recipes.RECIPES.items():
+        assert recipes.train_samples(r, []) <= r.budget_samples, f"{name} as shipped is over its budget"
+
+
+def test_results_markdown_states_target_machine_samples_table_and_ablations():
+    ablations: dict = {}
+    recipes.add_ablation(ablations, "baseline", _record(0.87))
+    recipes.add_ablation(ablations, "EMA", {**_record(0.88), "overrides": ["train.ema_decay=0.999"]})
+    recipes.add_ablation(ablations, "baseline", _record(0.86))  # the same label again replaces its row
+    assert [r["label"] for r in ablations["eurosat_scratch_cpu"]] == ["EMA", "baseline"]
+    md = recipes.results_markdown({"eurosat_scratch_cpu": _record(0.91), "other": _record(0.80)}, ablations)
+    assert "## eurosat_scratch_cpu" in md and "commit `abc1234`" in md and "2 CPU cores, Xeon (avx512_bf16)" in md
+    assert "training 384,000 samples (budget 400,000) in 10.0 min (640 samples/s on this machine)" in md
     assert "eurosat/acc1 >= 90 -> 91.00 (reached)" in md
     assert "eurosat/acc1 >= 90 -> 80.00 (NOT reached)" in md
     assert "| x | 91.00 |" in md
+    assert "| EMA | `train.ema_decay=0.999` | 384,000 | 10.0 min | 88.00 |" in md
+    assert "| baseline | `(the recipe)` | 384,000 | 10.0 min | 86.00 |" in md
+    assert md.count("ablations (one change per row") == 1  # only the recipe that has rows
 
 
 def test_missing_data_is_reported(monkeypatch, tmp_path):
