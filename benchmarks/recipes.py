@@ -3,6 +3,7 @@
     python -m benchmarks.recipes list
     python -m benchmarks.recipes run eurosat_scratch_cpu [--record] [overrides ...]
     python -m benchmarks.recipes run eurosat_scratch_cpu --ablation "no rot90" data.augment.rot90=false
+    python -m benchmarks.recipes record eurosat_scratch_cpu   # store the last `run` (no overrides)
     python -m benchmarks.recipes check                 # re-run the CPU recipes, fail on a drop
     python -m benchmarks.recipes table                 # regenerate configs/recipes/RESULTS.md
     python -m benchmarks.recipes stage NAME --out X.json [overrides]   # the GPU check's stage
@@ -275,6 +276,21 @@ def add_ablation(ablations: dict[str, list[dict]], label: str, record: dict) -> 
     ablations[record["recipe"]] = [*rows, row]
 
 
+def recordable(record: dict, name: str) -> dict:
+    """``record`` (a finished ``run``'s recipe.json) if it may stand as the recipe's result."""
+    if record.get("recipe") != name:
+        raise SystemExit(f"[recipes] the run is of {record.get('recipe')!r}, not {name!r}")
+    if record.get("overrides"):
+        raise SystemExit(f"[recipes] {name}: not recorded: the run had overrides {' '.join(record['overrides'])} "
+                         "(a variant is recorded with run --ablation LABEL)")
+    if "train_samples" not in record:
+        raise SystemExit(f"[recipes] {name}: not recorded: the run predates sample budgets; run it again")
+    over = over_budget(record)
+    if over:
+        raise SystemExit(f"[recipes] {name}: not recorded: {over[0]}")
+    return record
+
+
 def _write_recorded(recorded: dict[str, dict], ablations: dict[str, list[dict]] | None = None) -> None:
     RESULTS.write_text(json.dumps(recorded, indent=2) + "\n")
     if ablations is not None:
@@ -342,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check")
     c.add_argument("names", nargs="*", help="default: every recorded CPU recipe")
     c.add_argument("--tolerance", type=float, default=2.0, help="allowed drop in points")
+    rc = sub.add_parser("record", help="store runs/recipes/NAME/recipe.json (a finished run without overrides)")
+    rc.add_argument("name", choices=sorted(RECIPES))
+    rc.add_argument("--note", help="a line shown with the result (e.g. which commit holds the config it ran)")
     sub.add_parser("table")
     st = sub.add_parser("stage", help="run recipes cut short by overrides; one JSON row each (GPU check)")
     st.add_argument("name", choices=sorted(RECIPES))
@@ -352,6 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "list":
         for name, rec in RECIPES.items():
             print(f"{name:24s} {rec.config}  budget {rec.budget_samples:,} samples  {'CPU' if rec.cpu else 'GPU'}")
+        return 0
+    if args.cmd == "record":
+        path = ROOT / "runs" / "recipes" / args.name / "recipe.json"
+        if not path.is_file():
+            raise SystemExit(f"[recipes] {path} is absent: run the recipe first (benchmarks.recipes run {args.name})")
+        record = recordable(json.loads(path.read_text()), args.name)
+        recorded = _load_recorded()
+        recorded[args.name] = {**record, **({"note": args.note} if args.note else {})}
+        _write_recorded(recorded)
         return 0
     if args.cmd == "table":
         _write_recorded(_load_recorded())

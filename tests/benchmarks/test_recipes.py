@@ -80,6 +80,15 @@ def test_check_flags_a_drop_of_more_than_the_tolerance_and_samples_over_the_budg
     assert over == ["trained on 400,256 samples, budget 400,000"]
 
 
+def test_only_a_run_of_the_recipe_as_committed_within_its_budget_is_recordable():
+    assert recipes.recordable(_record(0.91), "eurosat_scratch_cpu")["metrics"] == {"eurosat/acc1": 0.91}
+    for bad, why in [({"overrides": ["train.steps=10"]}, "overrides train.steps=10"),
+                     ({"train_samples": 500_000}, "trained on 500,000 samples, budget 400,000"),
+                     ({"recipe": "rsicd_scratch_cpu"}, "not 'eurosat_scratch_cpu'")]:
+        with pytest.raises(SystemExit, match=why):
+            recipes.recordable({**_record(0.91), **bad}, "eurosat_scratch_cpu")
+
+
 def test_the_budget_is_counted_from_the_config_steps_times_global_batch():
     rec = recipes.RECIPES["eurosat_scratch_cpu"]
     cfg = load_config(ROOT / rec.config)
