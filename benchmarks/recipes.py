@@ -106,7 +106,7 @@ RECIPES: dict[str, Recipe] = {
         "configs/recipes/rsicd_scratch_cpu.yaml", [RSICD, UCM], ["ucm_captions_val", "rsicd_val"],
         [("ucm_captions_val", "mean_recall"), ("ucm_captions_val", "mean_recall_dedup"), ("rsicd_val", "mean_recall"),
          ("rsicd_val", "acc1")], 0.30, 400_000,
-        baseline="orbit-tiny"),
+        baseline="orbit-slim-p8"),
     "eurosat_scratch_gpu": Recipe(
         "configs/recipes/eurosat_scratch_gpu.yaml", [EUROSAT], ["eurosat"], [("eurosat", "acc1")], None, 1_100_000,
         nproc=1, cpu=False),
@@ -276,11 +276,21 @@ def add_ablation(ablations: dict[str, list[dict]], label: str, record: dict) -> 
     ablations[record["recipe"]] = [*rows, row]
 
 
+def restates_config(recipe: Recipe, overrides: list[str]) -> bool:
+    """Whether ``overrides`` change nothing in the recipe's config as it is now (a variant
+    tried with --ablation that the config has since adopted)."""
+    from train.core.config import load_config
+
+    return load_config(ROOT / recipe.config, recipe.overrides) == load_config(ROOT / recipe.config,
+                                                                             [*recipe.overrides, *overrides])
+
+
 def recordable(record: dict, name: str) -> dict:
-    """``record`` (a finished ``run``'s recipe.json) if it may stand as the recipe's result."""
+    """``record`` (a finished ``run``'s recipe.json) if it may stand as the recipe's result: the
+    recipe as its config now reads, within its budget."""
     if record.get("recipe") != name:
         raise SystemExit(f"[recipes] the run is of {record.get('recipe')!r}, not {name!r}")
-    if record.get("overrides"):
+    if record.get("overrides") and not restates_config(RECIPES[name], record["overrides"]):
         raise SystemExit(f"[recipes] {name}: not recorded: the run had overrides {' '.join(record['overrides'])} "
                          "(a variant is recorded with run --ablation LABEL)")
     if "train_samples" not in record:

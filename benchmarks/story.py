@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_shards(FINETUNE, env)
     finetune_s = _run(train_command(FINETUNE, "story_finetune_cpu", []), env)
     out = Path("runs/recipes/story/eval")
-    models = [("orbit-tiny", "random init (orbit-tiny)"),
+    models = [("orbit-slim-p8", "random init (orbit-slim-p8)"),
               (f"runs/recipes/{PRETRAIN}", "pre-trained on RSICD+UCM (zero-shot)"),
               ("runs/recipes/story_finetune_cpu", "fine-tuned on EuroSAT captions")]
     eval_s = _run(eval_command(models, BENCHMARKS, out), env)

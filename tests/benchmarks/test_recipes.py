@@ -82,6 +82,9 @@ def test_check_flags_a_drop_of_more_than_the_tolerance_and_samples_over_the_budg
 
 def test_only_a_run_of_the_recipe_as_committed_within_its_budget_is_recordable():
     assert recipes.recordable(_record(0.91), "eurosat_scratch_cpu")["metrics"] == {"eurosat/acc1": 0.91}
+    steps = load_config(ROOT / recipes.RECIPES["eurosat_scratch_cpu"].config).train.steps
+    restated = {**_record(0.91), "overrides": [f"train.steps={steps}"]}  # a variant the config has adopted
+    assert recipes.recordable(restated, "eurosat_scratch_cpu") is restated
     for bad, why in [({"overrides": ["train.steps=10"]}, "overrides train.steps=10"),
                      ({"train_samples": 500_000}, "trained on 500,000 samples, budget 400,000"),
                      ({"recipe": "rsicd_scratch_cpu"}, "not 'eurosat_scratch_cpu'")]:
