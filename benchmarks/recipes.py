@@ -139,11 +139,16 @@ def train_command(recipe: Recipe, name: str, overrides: list[str]) -> list[str]:
             *recipe.overrides, *overrides]
 
 
-def train_samples(recipe: Recipe, overrides: list[str]) -> int:
-    """Samples the run trains on: steps x per-rank batch x processes (from the config itself)."""
+def _config(recipe: Recipe, overrides: list[str]):
+    """The recipe's config as a run with ``overrides`` loads it."""
     from train.core.config import load_config
 
-    cfg = load_config(ROOT / recipe.config, [*recipe.overrides, *overrides])
+    return load_config(ROOT / recipe.config, [*recipe.overrides, *overrides])
+
+
+def train_samples(recipe: Recipe, overrides: list[str]) -> int:
+    """Samples the run trains on: steps x per-rank batch x processes (from the config itself)."""
+    cfg = _config(recipe, overrides)
     if cfg.train.steps is None:
         raise SystemExit(f"[recipes] {recipe.config}: a recipe states train.steps (its budget is in samples)")
     return cfg.train.steps * cfg.data.batch_size * recipe.nproc
@@ -279,10 +284,7 @@ def add_ablation(ablations: dict[str, list[dict]], label: str, record: dict) -> 
 def restates_config(recipe: Recipe, overrides: list[str]) -> bool:
     """Whether ``overrides`` change nothing in the recipe's config as it is now (a variant
     tried with --ablation that the config has since adopted)."""
-    from train.core.config import load_config
-
-    return load_config(ROOT / recipe.config, recipe.overrides) == load_config(ROOT / recipe.config,
-                                                                             [*recipe.overrides, *overrides])
+    return _config(recipe, []) == _config(recipe, overrides)
 
 
 def recordable(record: dict, name: str) -> dict:
